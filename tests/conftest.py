@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["support.sim_fixtures", "support.docker_fixtures", "support.vllm_fixtures"]
+
 TIERS = ("unit", "gateway", "docker", "vllm")
 
 

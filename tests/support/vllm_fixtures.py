@@ -1,0 +1,1 @@
+"""Pytest fixtures (registered from tests/conftest.py)."""
