@@ -1,0 +1,35 @@
+"""Gateway settings: `GATEWAY_*` environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway can be told; passed to `create_app`, never read globally."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    registry: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("GATEWAY_REGISTRY", "FLEET_REGISTRY", "registry"),
+        description="registry path; default ./models.toml",
+    )
+    upstream_host: str = Field(
+        default="127.0.0.1",
+        description="host of managed models; 'service' inside compose (vllm-<name>)",
+    )
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=600.0, gt=0, description="max wait between bytes")
+    write_timeout: float = Field(default=60.0, gt=0)
+    pool_timeout: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=512, ge=1, description="per instance")
+    max_keepalive: int = Field(default=64, ge=0, description="idle connections kept per instance")
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    health_timeout: float = Field(default=2.0, gt=0, description="probe timeout for listings")
+    retry_after: int = Field(default=5, ge=1, description="Retry-After seconds on 503")
+    log_level: str = "info"
+    access_log: bool = False
