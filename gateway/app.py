@@ -90,6 +90,8 @@ class Gateway:
         path = "/" + request.path_params["rest"]
         known_path = path in MODEL_ENDPOINTS or path in INSTANCE_GET_ENDPOINTS
         route = self.table.resolve(requested)
+        if request.url.path in MODEL_ENDPOINTS:  # e.g. GET /v1/chat/completions
+            raise errors.method_not_allowed(request.method, request.url.path)
         if route is None:
             if not known_path or requested in ("v1", "v2"):
                 raise errors.not_found(request.url.path)
@@ -202,6 +204,7 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
         HTTPException: _http_error,
         Exception: _unexpected_error,
     })
+    app.router.redirect_slashes = False  # a redirect would expose routes to path tricks
     app.add_middleware(_RequestIdMiddleware)
     app.state.gateway = gw
     return app

@@ -20,6 +20,12 @@ def _require_all() -> bool:
     return os.environ.get("REQUIRE_ALL_TIERS", "") not in ("", "0", "false", "no")
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (marked `pytest.mark.anyio`) run on asyncio."""
+    return "asyncio"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     untiered = [i.nodeid for i in items if not any(i.get_closest_marker(t) for t in TIERS)]
     if untiered:

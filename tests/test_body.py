@@ -1,0 +1,87 @@
+"""Finding and setting the model of JSON and multipart bodies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway import body
+from gateway.errors import GatewayError
+
+pytestmark = pytest.mark.unit
+
+BOUNDARY = "XyZ123"
+CT = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def form(fields: dict[str, str], file: bytes = b"RIFF\x00\x01binary\r\n--not-a-boundary") -> bytes:
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+                 f'filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'.encode() + file + b"\r\n")
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def test_json_model() -> None:
+    parsed = body.parse(b'{"model": "a", "messages": []}', "application/json")
+    assert (parsed.kind, parsed.model) == ("json", "a")
+
+
+def test_json_without_model_and_empty_body() -> None:
+    assert body.parse(b'{"messages": []}', "application/json").model is None
+    assert body.parse(b"  ", "").kind == "empty"
+
+
+@pytest.mark.parametrize("raw", [b"{bad", b'{"model": "a"', b"\xff\xfe", b"nan"])
+def test_invalid_json_is_a_400(raw: bytes) -> None:
+    with pytest.raises(GatewayError) as info:
+        body.parse(raw, "application/json")
+    assert info.value.status == 400 and "not valid JSON" in info.value.message
+
+
+@pytest.mark.parametrize("raw", [b"[1, 2]", b'"text"', b"3"])
+def test_non_object_is_a_400(raw: bytes) -> None:
+    with pytest.raises(GatewayError) as info:
+        body.parse(raw, "application/json")
+    assert info.value.status == 400 and "JSON object" in info.value.message
+
+
+def test_model_must_be_a_string() -> None:
+    with pytest.raises(GatewayError) as info:
+        body.parse(b'{"model": 3}', "application/json")
+    assert info.value.param == "model"
+
+
+def test_with_model_json_keeps_everything_else() -> None:
+    raw = b'{"model": "alias", "messages": [{"role": "user", "content": "hi"}], "n": 1}'
+    parsed = body.parse(raw, "application/json")
+    out = json.loads(body.with_model(parsed, raw, "served"))
+    assert out == {"model": "served", "messages": [{"role": "user", "content": "hi"}], "n": 1}
+    assert json.loads(body.with_model(body.parse(b"", ""), b"", "m")) == {"model": "m"}
+
+
+def test_multipart_model_found_without_touching_the_file() -> None:
+    raw = form({"model": "whisper", "language": "en"})
+    parsed = body.parse(raw, CT)
+    assert (parsed.kind, parsed.model) == ("multipart", "whisper")
+    replaced = body.with_model(parsed, raw, "served-name")
+    assert body.parse(replaced, CT).model == "served-name"
+    assert replaced.replace(b"served-name", b"whisper") == raw
+
+
+def test_multipart_without_model_gets_one_inserted() -> None:
+    raw = form({"language": "en"})
+    parsed = body.parse(raw, CT)
+    assert parsed.model is None
+    assert body.parse(body.with_model(parsed, raw, "w"), CT).model == "w"
+
+
+def test_multipart_quoted_boundary_and_errors() -> None:
+    raw = form({"model": "m"})
+    assert body.parse(raw, f'multipart/form-data; boundary="{BOUNDARY}"').model == "m"
+    for ct, data in [("multipart/form-data", raw), (CT, b"no boundary here"),
+                     (CT, f"--{BOUNDARY}\r\nno header end".encode())]:
+        with pytest.raises(GatewayError) as info:
+            body.parse(data, ct)
+        assert info.value.status == 400 and "multipart" in info.value.message
