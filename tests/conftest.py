@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["support.sim_fixtures", "support.docker_fixtures", "support.vllm_fixtures"]
+pytest_plugins = ["support.gateway_fixtures", "support.sim_fixtures", "support.docker_fixtures", "support.vllm_fixtures"]
 
 TIERS = ("unit", "gateway", "docker", "vllm")
 

@@ -1,0 +1,43 @@
+# vllm-fleet: every entry point a person or CI uses. Each step is cached and idempotent.
+#   make demo   bring the product up on this machine (real vLLM CPU containers) and show it serving
+#   make test   install everything the tests need, then run every tier (a skipped tier fails)
+#   make unit   the fast tiers only (unit + gateway), no Docker
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST := REQUIRE_ALL_TIERS=1 $(PY) -m pytest
+
+.PHONY: demo test unit venv docker images vllm-image models clean-containers
+
+$(VENV)/.installed: pyproject.toml
+	@echo "== python env: $(VENV) (project + test dependencies)" >&2
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+docker:
+	@bash scripts/install-docker.sh
+
+images: docker venv
+	@bash scripts/build-images.sh all
+
+vllm-image: images
+	@bash scripts/build-vllm-image.sh
+
+models: venv
+	@bash scripts/make-models.sh
+
+test: venv docker images vllm-image models
+	$(PYTEST)
+
+unit: venv
+	$(PY) -m pytest -m "unit or gateway"
+
+demo: venv docker images vllm-image models
+	@bash scripts/demo.sh
+
+clean-containers:
+	@bash scripts/clean.sh
