@@ -1,0 +1,178 @@
+"""fleet.compose: compose.yaml rendered from the registry (pure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fleet.compose import compose_drift, render_compose
+from fleet.planner import fleet_specs
+from fleet.registry import load_registry, parse_registry
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "hf_Sup3rSecretTokenValue"
+
+TEXT = """
+[host]
+gpus = [{ id = 0 }, { id = 1 }]
+cpus = 8
+gateway_cpus = 1
+
+[defaults]
+hf_cache = "~/.cache/huggingface"
+cpus = 2
+
+[models.chat]
+source = "org/chat"
+port = 8001
+gpus = [0, 1]
+gpu_memory_utilization = 0.5
+sleep_mode = true
+args = ["--chat-template", "{{ messages }}$HOME"]
+
+[models.tiny]
+source = "org/tiny"
+port = 8002
+ipc_host = false
+shm_size = "1g"
+autostart = false
+volumes = ["vllm-compile-cache:/root/.cache/vllm"]
+env = { VLLM_CPU_KVCACHE_SPACE = "1" }
+
+[models.remote]
+url = "http://10.0.0.5:8000"
+"""
+
+
+def reg(text: str = TEXT):  # type: ignore[no-untyped-def]
+    return parse_registry(text, source="t.toml")
+
+
+def doc(text: str = TEXT) -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load(render_compose(reg(text)))
+
+
+def test_rendering_is_deterministic() -> None:
+    assert render_compose(reg()) == render_compose(reg())
+    assert render_compose(reg()).startswith(
+        "# generated from models.toml by `fleet compose`; do not edit\n")
+
+
+def test_one_service_per_managed_model_plus_the_gateway() -> None:
+    d = doc()
+    assert d["name"] == "vllm-fleet"
+    assert list(d["services"]) == ["vllm-chat", "vllm-tiny", "gateway"]
+
+
+def test_services_agree_with_the_fleet_specs() -> None:
+    d = doc()
+    for name, spec in fleet_specs(reg()).items():
+        svc = d["services"][f"vllm-{name}"]
+        assert svc["container_name"] == spec.name == f"vllm-fleet-{name}"
+        assert svc["labels"] == dict(spec.labels)
+        assert svc["image"] == spec.image
+        assert svc["cpuset"] == spec.cpuset_cpus
+        assert svc["healthcheck"]["test"] == list(spec.healthcheck["test"])
+    assert d["services"]["vllm-chat"]["healthcheck"]["start_period"] == "900s"
+
+
+def test_command_escapes_dollar_for_compose() -> None:
+    cmd = doc()["services"]["vllm-chat"]["command"]
+    assert cmd[-2:] == ["--chat-template", "{{ messages }}$$HOME"]
+    assert cmd[:2] == ["--model", "org/chat"]
+
+
+def test_ports_on_the_registry_host_ip() -> None:
+    (port,) = doc()["services"]["vllm-chat"]["ports"]
+    assert port == {"target": 8001, "published": "8001", "host_ip": "127.0.0.1", "protocol": "tcp"}
+
+
+def test_gpu_reservations_and_none_for_cpu_only() -> None:
+    d = doc()
+    assert d["services"]["vllm-chat"]["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "device_ids": ["0", "1"], "capabilities": ["gpu"]}]
+    assert "deploy" not in d["services"]["vllm-tiny"]
+
+
+def test_ipc_or_shm_and_volumes() -> None:
+    d = doc()
+    chat, tiny = d["services"]["vllm-chat"], d["services"]["vllm-tiny"]
+    assert chat["ipc"] == "host" and "shm_size" not in chat
+    assert tiny["shm_size"] == "1g" and "ipc" not in tiny
+    assert tiny["volumes"] == ["~/.cache/huggingface:/root/.cache/huggingface:rw",
+                               "vllm-compile-cache:/root/.cache/vllm:rw"]
+    assert d["volumes"] == {"vllm-compile-cache": {"name": "vllm-compile-cache"}}
+    assert "volumes" not in doc(TEXT.replace('volumes = ["vllm-compile-cache:/root/.cache/vllm"]', ""))
+
+
+def test_profiles_only_for_models_not_autostarted() -> None:
+    d = doc()
+    assert d["services"]["vllm-tiny"]["profiles"] == ["on-demand"]
+    assert "profiles" not in d["services"]["vllm-chat"]
+
+
+def test_hf_token_is_interpolated_never_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    text = render_compose(reg())
+    assert SECRET not in text
+    d = yaml.safe_load(text)
+    for svc in ("vllm-chat", "vllm-tiny"):
+        assert d["services"][svc]["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
+    assert d["services"]["vllm-chat"]["environment"]["VLLM_SERVER_DEV_MODE"] == "1"
+    assert d["services"]["vllm-tiny"]["environment"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "HF_TOKEN" not in d["services"]["gateway"]["environment"]
+
+
+def test_gateway_service() -> None:
+    gw = doc()["services"]["gateway"]
+    assert gw["build"] == {"context": ".", "dockerfile": "docker/gateway.Dockerfile"}
+    assert gw["image"] == "vllm-fleet/gateway:dev"
+    assert gw["ports"] == [{"target": 8000, "published": "8000", "host_ip": "127.0.0.1",
+                            "protocol": "tcp"}]
+    assert gw["volumes"] == ["./models.toml:/etc/vllm-fleet/models.toml:ro"]
+    assert gw["environment"] == {"FLEET_REGISTRY": "/etc/vllm-fleet/models.toml",
+                                 "GATEWAY_UPSTREAM_HOST": "service", "GATEWAY_HOST": "0.0.0.0"}
+    # Only autostart models are waited for; tiny is on demand.
+    assert gw["depends_on"] == {"vllm-chat": {"condition": "service_healthy"}}
+    assert gw["cpuset"] == "0"
+
+
+def test_registry_path_and_project_options() -> None:
+    text = render_compose(reg(), registry_path_in_repo="conf/models.toml", project="demo")
+    d = yaml.safe_load(text)
+    assert text.startswith("# generated from conf/models.toml")
+    assert d["name"] == "demo"
+    assert d["services"]["vllm-chat"]["container_name"] == "demo-chat"
+    assert d["services"]["gateway"]["volumes"] == ["./conf/models.toml:/etc/vllm-fleet/models.toml:ro"]
+    named = yaml.safe_load(render_compose(reg(), project="demo", name_prefix="vllm-fleet"))
+    assert named["services"]["vllm-chat"]["container_name"] == "vllm-fleet-chat"
+
+
+def test_drift_none_when_up_to_date_else_a_diff() -> None:
+    r = reg()
+    current = render_compose(r)
+    assert compose_drift(r, current) is None
+    changed = reg(TEXT.replace("port = 8002", "port = 8012"))
+    diff = compose_drift(changed, current)
+    assert diff is not None
+    assert diff.startswith("--- compose.yaml (existing)\n+++ compose.yaml (rendered from models.toml)")
+    assert "-      published: '8002'" in diff and "+      published: '8012'" in diff
+    edited = current.replace("retries: 3", "retries: 9", 1)
+    assert "retries: 9" in (compose_drift(r, edited) or "")
+
+
+def test_drift_reports_whitespace_only_changes() -> None:
+    r = reg()
+    assert compose_drift(r, render_compose(r) + "\n") is not None
+    assert compose_drift(r, render_compose(r).rstrip("\n")) is not None
+
+
+def test_committed_compose_yaml_matches_models_toml() -> None:
+    registry = load_registry(ROOT / "models.toml")
+    committed = (ROOT / "compose.yaml").read_text(encoding="utf-8")
+    drift = compose_drift(registry, committed)
+    assert drift is None, f"compose.yaml is stale; run `fleet compose --output compose.yaml`:\n{drift}"
