@@ -1,0 +1,140 @@
+"""The fleet's small Python API (for the gateway's on-demand activation and for scripts).
+
+    from fleet.api import open_fleet
+    client = open_fleet(load_registry("models.toml"))
+    client.ensure_awake("qwen-7b", timeout=120)   # blocking: run it in a worker thread
+    client.status()
+
+Settings come from a `FleetSettings` object (environment `FLEET_*`, plus `DOCKER_HOST`) that
+the caller may build and pass in; nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DockerEngine, Engine
+from fleet.health import HttpProbe, Probe
+from fleet.lifecycle import DEFAULT_STOP_TIMEOUT, Clock, Fleet, ModelStatus, Report
+from fleet.lock import DEFAULT_LOCK_TIMEOUT, SwitchLock, default_lock_path
+from fleet.registry import Registry
+from fleet.spec import DEFAULT_NAME_PREFIX
+
+
+class FleetSettings(BaseSettings):
+    """Runtime settings of the fleet (not of the models: those live in the registry).
+
+    Environment: FLEET_NAME_PREFIX, FLEET_EXTRA_LABELS ("k=v,k2=v2": added to every container
+    the fleet creates and required of every container it manages, to scope a fleet, e.g. a
+    test run), FLEET_LOCK_FILE, FLEET_LOCK_TIMEOUT, FLEET_DOCKER_HOST or DOCKER_HOST,
+    FLEET_DOCKER_TIMEOUT, FLEET_STOP_TIMEOUT.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
+
+    name_prefix: str = DEFAULT_NAME_PREFIX
+    extra_labels: str = ""
+    lock_file: str | None = None
+    lock_timeout: float = Field(default=DEFAULT_LOCK_TIMEOUT, ge=0)
+    docker_host: str | None = Field(
+        default=None, validation_alias=AliasChoices("FLEET_DOCKER_HOST", "DOCKER_HOST"))
+    docker_timeout: float = Field(default=DEFAULT_DOCKER_TIMEOUT, gt=0)
+    stop_timeout: float = Field(default=DEFAULT_STOP_TIMEOUT, ge=0)
+
+    def labels(self) -> dict[str, str]:
+        return parse_labels(self.extra_labels)
+
+
+class SettingsError(ValueError):
+    """A runtime setting (environment or option) is invalid."""
+
+
+def load_settings(**overrides: object) -> FleetSettings:
+    """FleetSettings from the environment plus `overrides`; SettingsError when invalid."""
+    try:
+        settings = FleetSettings(**overrides)  # type: ignore[arg-type]
+        settings.labels()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        raise SettingsError(f"invalid fleet settings (FLEET_* environment): {problems}") from None
+    return settings
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """"k=v,k2=v2" -> {"k": "v", "k2": "v2"}; SettingsError names a malformed item."""
+    out: dict[str, str] = {}
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"FLEET_EXTRA_LABELS: {item!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_fleet(
+    registry: Registry,
+    settings: FleetSettings | None = None,
+    *,
+    engine: Engine | None = None,
+    probe: Probe | None = None,
+    clock: Clock | None = None,
+    busy: Callable[[str], bool] | None = None,
+    last_used: Callable[[str], float] | None = None,
+    progress: Callable[[str], None] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Fleet:
+    """A `Fleet` wired with real parts (Docker, httpx, flock) unless given others."""
+    s = settings or load_settings()
+    env = os.environ if environ is None else environ
+    lock_path = s.lock_file or default_lock_path(env)
+    return Fleet(
+        registry,
+        engine or DockerEngine(s.docker_host, timeout=s.docker_timeout),
+        lock=SwitchLock(lock_path, timeout=s.lock_timeout, on_wait=progress),
+        probe=probe or HttpProbe(),
+        clock=clock,
+        busy=busy,
+        last_used=last_used,
+        progress=progress,
+        name_prefix=s.name_prefix,
+        extra_labels=s.labels(),
+        environ=env,
+        stop_timeout=s.stop_timeout,
+    )
+
+
+class FleetClient:
+    """What the gateway needs: make a model awake (switching if needed) and read status."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def status(self) -> list[ModelStatus]:
+        return self.fleet.status()
+
+    def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report | None:
+        """Return at once (None) if `model` is healthy; else switch to it and wait.
+
+        `timeout` (seconds) caps the wait for the switch lock and for health. Raises
+        `fleet.lifecycle.FleetError` subclasses (PlacementRefused e.g. when the models in
+        the way are busy, StartFailed with log lines), `fleet.engine.EngineError`,
+        `fleet.lock.LockTimeout`.
+        """
+        name = self.fleet.model(model).name
+        for s in self.fleet.status():
+            if s.name == name and s.state == "healthy":
+                return None
+        deadline = None if timeout is None else self.fleet.clock.monotonic() + timeout
+        return self.fleet.switch(name, deadline=deadline)
+
+
+def open_fleet(registry: Registry, settings: FleetSettings | None = None, **parts: object) -> FleetClient:
+    """A `FleetClient` for `registry`; `parts` are passed to `build_fleet` (busy=..., etc.)."""
+    return FleetClient(build_fleet(registry, settings, **parts))  # type: ignore[arg-type]

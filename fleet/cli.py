@@ -1,0 +1,333 @@
+"""`fleet`: run the registry's models as Docker containers.
+
+    fleet [--registry PATH] [--docker-host URL] COMMAND ...
+
+    up [MODEL...]            start/adopt/recreate the models (default: autostart ones), wait healthy
+    down [MODEL...]          stop and remove containers (default: all of this fleet's)
+    switch MODEL [--force] [--dry-run]
+                             make MODEL awake, evicting what the planner says; timings on stderr
+    sleep MODEL / wake MODEL vLLM sleep mode (stop/start for models without it)
+    status [--json]          state, port, GPUs, fraction, uptime, health of every model
+    logs MODEL [--follow] [--tail N]
+    check [--json]           the planner's verdict on the registry (exit 2 on a violation)
+    compose [--check] [--output PATH]
+                             render compose.yaml (`--check`: exit 1 with the diff on drift)
+    plan switch MODEL        what `switch` would do now (dry run)
+
+Data goes to stdout, progress and diagnostics to stderr. Exit codes: 0 ok, 1 failed
+(including Docker unreachable, a model that did not become healthy, a refused switch),
+2 usage or configuration error (invalid registry, unknown model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from fleet.api import SettingsError
+from fleet.engine import EngineError
+from fleet.health import ProbeError
+from fleet.lifecycle import Fleet, FleetError, ModelStatus, Report
+from fleet.lock import LockTimeout
+from fleet.registry import Registry, RegistryError, load_registry, registry_path
+from fleet.spec import SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+FleetFactory = Callable[[Registry, argparse.Namespace, Callable[[str], None]], Fleet]
+
+
+def _default_factory(registry: Registry, args: argparse.Namespace,
+                     progress: Callable[[str], None]) -> Fleet:
+    from fleet.api import build_fleet, load_settings
+
+    overrides: dict[str, Any] = {}
+    if args.docker_host:
+        overrides["docker_host"] = args.docker_host
+    return build_fleet(registry, load_settings(**overrides), progress=progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", metavar="PATH", default=argparse.SUPPRESS,
+                        help="registry file (default: $FLEET_REGISTRY, else ./models.toml)")
+    common.add_argument("--docker-host", metavar="URL", default=argparse.SUPPRESS,
+                        help="Docker daemon (default: $DOCKER_HOST, else the local socket)")
+    json_opt = argparse.ArgumentParser(add_help=False)
+    json_opt.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+    parser = argparse.ArgumentParser(
+        prog="fleet", description="Run the registry's vLLM models as Docker containers.",
+        parents=[common])
+    parser.set_defaults(registry=None, docker_host=None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("up", parents=[common, json_opt],
+                       help="start (or adopt, recreate, wake) models and wait until healthy")
+    p.add_argument("models", nargs="*", metavar="MODEL")
+    p = sub.add_parser("down", parents=[common, json_opt],
+                       help="stop and remove models' containers")
+    p.add_argument("models", nargs="*", metavar="MODEL")
+    p = sub.add_parser("switch", parents=[common, json_opt],
+                       help="make MODEL awake, evicting others as planned")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--force", action="store_true",
+                   help="evict busy models too (their in-flight requests fail)")
+    p.add_argument("--dry-run", action="store_true", help="only print the plan")
+    for name, text in (("sleep", "put MODEL to sleep (stop it without sleep_mode)"),
+                       ("wake", "wake MODEL (start it if stopped) without evicting others")):
+        p = sub.add_parser(name, parents=[common, json_opt], help=text)
+        p.add_argument("model", metavar="MODEL")
+    p = sub.add_parser("status", parents=[common, json_opt], help="state of every model")
+    p.add_argument("--no-probe", action="store_true",
+                   help="do not call /health (Docker's view only; faster)")
+    p = sub.add_parser("logs", parents=[common], help="a model's container logs")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--tail", type=int, default=100, metavar="N")
+    sub.add_parser("check", parents=[common, json_opt],
+                   help="validate the registry and its placement (exit 2 on a violation)")
+    p = sub.add_parser("compose", parents=[common],
+                       help="render compose.yaml from the registry")
+    p.add_argument("--output", "-o", metavar="PATH",
+                   help="where to write (default: compose.yaml beside the registry; '-' = stdout)")
+    p.add_argument("--check", action="store_true",
+                   help="compare with the existing file; exit 1 with the diff on drift")
+    p.add_argument("--project", default="vllm-fleet", help="compose project name")
+    p = sub.add_parser("plan", parents=[common], help="dry runs")
+    plan_sub = p.add_subparsers(dest="plan_command", metavar="WHAT", required=True)
+    p = plan_sub.add_parser("switch", parents=[common, json_opt],
+                            help="what `fleet switch MODEL` would do now")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--force", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------
+
+
+def _fmt_uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def format_status(rows: Sequence[ModelStatus]) -> str:
+    header = ("MODEL", "STATE", "PORT", "GPUS", "FRACTION", "UPTIME", "HEALTH", "DETAIL")
+    table = [header]
+    for r in rows:
+        table.append((
+            r.name, r.state, str(r.port) if r.port is not None else "-",
+            ",".join(str(g) for g in r.gpus) or "-",
+            f"{r.fraction:g}" if r.fraction is not None and r.gpus else "-",
+            _fmt_uptime(r.uptime), r.health, r.detail,
+        ))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    lines = []
+    for row in table:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def _print_report(report: Report, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+    if report.timings:
+        print(f"{report.operation} {' '.join(report.target)}: {report.timing_line()}", file=err)
+    if getattr(args, "json", False):
+        print(json.dumps(report.as_dict(), indent=2), file=out)
+        return
+    for a in report.actions:
+        note = f" ({a.note})" if a.note else ""
+        print(f"{a.model}: {a.action}{note}", file=out)
+    if report.operation != "down":
+        print(f"awake: {', '.join(report.awake) or 'none'}", file=out)
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------
+
+
+def _cmd_check(registry: Registry, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from fleet.api import load_settings
+    from fleet.planner import check_registry
+
+    violations = check_registry(registry, name_prefix=load_settings().name_prefix)
+    managed = [n for n, m in registry.models.items() if m.managed]
+    if args.json:
+        print(json.dumps({"ok": not violations, "registry": registry.source,
+                          "models": managed,
+                          "violations": [{"kind": v.kind, "message": v.message}
+                                         for v in violations]}, indent=2), file=out)
+    elif violations:
+        print(f"{registry.source}: {len(violations)} violation(s):", file=out)
+        for v in violations:
+            print(f"  - [{v.kind}] {v.message}", file=out)
+    else:
+        autostart = [n for n in managed if registry.models[n].autostart]
+        print(f"{registry.source}: ok: {len(managed)} managed model(s); every model fits "
+              f"alone and the autostart models ({', '.join(autostart) or 'none'}) fit "
+              f"together", file=out)
+    return EXIT_USAGE if violations else EXIT_OK
+
+
+def _cmd_compose(registry: Registry, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from fleet.compose import compose_drift, render_compose
+
+    reg_path = Path(registry.source)
+    target = Path(args.output) if args.output and args.output != "-" else \
+        reg_path.resolve().parent / "compose.yaml"
+    if args.output != "-":
+        try:
+            rel = os.path.relpath(reg_path.resolve(), target.resolve().parent)
+        except ValueError:
+            rel = str(reg_path.resolve())
+    else:
+        rel = reg_path.name
+    from fleet.api import load_settings
+
+    kw: dict[str, Any] = {"registry_path_in_repo": rel, "project": args.project,
+                          "name_prefix": load_settings().name_prefix}
+    if args.check:
+        try:
+            existing = target.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            print(f"{target} does not exist; write it with `fleet compose --output {target}`",
+                  file=err)
+            return EXIT_FAILED
+        diff = compose_drift(registry, existing, **kw)
+        if diff is None:
+            print(f"{target} is up to date with {registry.source}", file=err)
+            return EXIT_OK
+        out.write(diff)
+        print(f"{target} differs from what {registry.source} renders; re-render it with "
+              f"`fleet compose --output {target}`", file=err)
+        return EXIT_FAILED
+    text = render_compose(registry, **kw)
+    if args.output == "-":
+        out.write(text)
+        return EXIT_OK
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}", file=err)
+    print(str(target), file=out)
+    return EXIT_OK
+
+
+def _cmd_status(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    rows = fleet.status(probe=not args.no_probe)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2), file=out)
+    else:
+        print(format_status(rows), file=out)
+    return EXIT_OK
+
+
+def _cmd_plan(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from fleet.planner import describe_plan
+
+    fleet.model(args.model)
+    plan = fleet.plan(args.model, force=args.force)
+    if getattr(args, "json", False):
+        print(json.dumps({
+            "target": plan.target, "ok": plan.ok, "start_action": plan.start_action,
+            "evict": [{"model": e.model, "action": e.action, "reason": e.reason}
+                      for e in plan.evict],
+            "violations": [{"kind": v.kind, "message": v.message} for v in plan.violations],
+        }, indent=2), file=out)
+    else:
+        print(describe_plan(plan), file=out)
+    return EXIT_OK if plan.ok else EXIT_FAILED
+
+
+def _cmd_logs(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.follow:
+        for line in fleet.follow_logs(args.model, tail=args.tail):
+            print(line, file=out, flush=True)
+    else:
+        out.write(fleet.logs(args.model, tail=args.tail))
+    return EXIT_OK
+
+
+def _run_fleet_command(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    cmd = args.command
+    if cmd == "status":
+        return _cmd_status(fleet, args, out, err)
+    if cmd == "logs":
+        return _cmd_logs(fleet, args, out, err)
+    if cmd == "plan" or (cmd == "switch" and args.dry_run):
+        return _cmd_plan(fleet, args, out, err)
+    if cmd == "up":
+        report = fleet.up(args.models or None)
+    elif cmd == "down":
+        report = fleet.down(args.models or None)
+    elif cmd == "switch":
+        report = fleet.switch(args.model, force=args.force)
+    elif cmd == "sleep":
+        report = fleet.sleep(args.model)
+    elif cmd == "wake":
+        report = fleet.wake(args.model)
+    else:  # pragma: no cover - argparse only lets known commands through
+        raise AssertionError(cmd)
+    _print_report(report, args, out, err)
+    return EXIT_OK
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    fleet_factory: FleetFactory | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+
+    def progress(message: str) -> None:
+        print(message, file=err, flush=True)
+
+    try:
+        registry = load_registry(registry_path(args.registry))
+        if args.command == "check":
+            return _cmd_check(registry, args, out, err)
+        if args.command == "compose":
+            return _cmd_compose(registry, args, out, err)
+        fleet = (fleet_factory or _default_factory)(registry, args, progress)
+        return _run_fleet_command(fleet, args, out, err)
+    except (RegistryError, SpecError) as exc:
+        print(f"fleet: {exc}", file=err)
+        return EXIT_USAGE
+    except SettingsError as exc:
+        print(f"fleet: {exc}", file=err)
+        return EXIT_USAGE
+    except FleetError as exc:
+        print(f"fleet: {exc}", file=err)
+        return exc.exit_code
+    except (EngineError, LockTimeout, ProbeError) as exc:
+        print(f"fleet: {exc}", file=err)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("fleet: interrupted", file=err)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

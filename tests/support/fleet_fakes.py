@@ -1,0 +1,291 @@
+"""A recording fake of the fleet's engine, probe and clock (no Docker, no sleeps).
+
+`FakeWorld` ties them together: containers "load" for `load_seconds` of fake time after a
+start, then answer /health; `crash` makes a model's container exit at start with log lines;
+`fail_run` makes `run` raise an engine error. Every engine and probe call is recorded in
+`world.calls` as a tuple, e.g. ("run", "vllm-fleet-a"), ("stop", "vllm-fleet-a"),
+("sleep", "a").
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.engine import ContainerRecord, EngineError
+from fleet.health import HealthResult, ProbeError
+from fleet.lifecycle import Fleet
+from fleet.lock import SwitchLock
+from fleet.registry import Registry, parse_registry
+from fleet.spec import LABEL_MANAGED, LABEL_MODEL, LABEL_SPEC_HASH
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+
+
+@dataclass
+class FakeContainer:
+    id: str
+    name: str
+    labels: dict[str, str]
+    port: int
+    state: str = "created"
+    started_at: float | None = None  # fake monotonic time of the last start
+    exit_code: int | None = None
+    sleeping: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return self.labels.get(LABEL_MODEL, "")
+
+
+class FakeWorld:
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.containers: dict[str, FakeContainer] = {}
+        self.calls: list[tuple[Any, ...]] = []
+        self.load_seconds: dict[str, float] = {}  # model -> seconds until /health is 200
+        self.crash: set[str] = set()  # models whose container exits right after start
+        self.fail_run: dict[str, EngineError] = {}  # model -> error raised by run()
+        self.sleep_fails: set[str] = set()  # models whose POST /sleep fails
+        self.unreachable: EngineError | None = None  # every engine call raises this
+        self._ids = itertools.count(1)
+        self.engine = FakeEngine(self)
+        self.probe = FakeProbe(self)
+
+    # -- helpers for tests -----------------------------------------------------------
+
+    def add_container(self, model: str, *, port: int, spec_hash: str, state: str = "running",
+                      name: str | None = None, labels: Mapping[str, str] | None = None,
+                      loaded: bool = True) -> FakeContainer:
+        """A container that exists before the fleet looks (e.g. made by compose)."""
+        c = FakeContainer(
+            id=f"c{next(self._ids)}", name=name or f"vllm-fleet-{model}",
+            labels={LABEL_MANAGED: "true", LABEL_MODEL: model, LABEL_SPEC_HASH: spec_hash,
+                    **(labels or {})},
+            port=port, state=state,
+        )
+        if state == "running":
+            c.started_at = self.clock.now - (10_000.0 if loaded else 0.0)
+        self.containers[c.id] = c
+        return c
+
+    def by_model(self, model: str) -> list[FakeContainer]:
+        return [c for c in self.containers.values() if c.model == model]
+
+    def running_models(self) -> set[str]:
+        return {c.model for c in self.containers.values() if c.state == "running"}
+
+    def awake_models(self) -> set[str]:
+        return {c.model for c in self.containers.values()
+                if c.state == "running" and not c.sleeping}
+
+    def names(self, op: str) -> list[Any]:
+        return [c[1] for c in self.calls if c[0] == op]
+
+    def container_on_port(self, port: int) -> FakeContainer | None:
+        for c in self.containers.values():
+            if c.port == port and c.state == "running":
+                return c
+        return None
+
+    def _start(self, c: FakeContainer) -> None:
+        c.sleeping = False
+        if c.model in self.crash:
+            c.state, c.exit_code, c.started_at = "exited", 1, None
+            c.log += ["INFO loading model", "ERROR EngineCore failed to start",
+                      "RuntimeError: simulated failure at start"]
+            return
+        c.state, c.exit_code, c.started_at = "running", None, self.clock.now
+        c.log.append(f"INFO starting {c.model}")
+
+
+class FakeEngine:
+    def __init__(self, world: FakeWorld) -> None:
+        self.w = world
+
+    def _check(self) -> None:
+        if self.w.unreachable is not None:
+            raise self.w.unreachable
+
+    def _record(self, c: FakeContainer) -> ContainerRecord:
+        running = c.state == "running"
+        return ContainerRecord(
+            id=c.id, name=c.name, model=c.model, state=c.state, health=None,
+            spec_hash=c.labels.get(LABEL_SPEC_HASH), image="fake", ports=(c.port,),
+            started_at=(self.w.clock.time() - (self.w.clock.now - c.started_at))
+            if running and c.started_at is not None else None,
+            exit_code=None if running else c.exit_code, labels=dict(c.labels),
+        )
+
+    def _get(self, cid: str) -> FakeContainer:
+        c = self.w.containers.get(cid)
+        if c is None:
+            raise EngineError(f"no such container {cid}")
+        return c
+
+    def list_managed(self, labels: Mapping[str, str] | None = None) -> list[ContainerRecord]:
+        self._check()
+        want = {LABEL_MANAGED: "true", **(labels or {})}
+        return [self._record(c) for c in self.w.containers.values()
+                if all(c.labels.get(k) == v for k, v in want.items())]
+
+    def inspect(self, container: str) -> ContainerRecord | None:
+        self._check()
+        c = self.w.containers.get(container)
+        return None if c is None else self._record(c)
+
+    def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
+        self._check()
+        labels = dict(run_kwargs["labels"])
+        model = labels[LABEL_MODEL]
+        self.w.calls.append(("run", run_kwargs["name"]))
+        if model in self.w.fail_run:
+            raise self.w.fail_run[model]
+        if any(c.name == run_kwargs["name"] for c in self.w.containers.values()):
+            raise EngineError(f"container name {run_kwargs['name']!r} is already in use")
+        (host_ip, port), = run_kwargs["ports"].values()
+        c = FakeContainer(id=f"c{next(self.w._ids)}", name=run_kwargs["name"], labels=labels,
+                          port=int(port), kwargs=dict(run_kwargs))
+        self.w.containers[c.id] = c
+        self.w._start(c)
+        return self._record(c)
+
+    def start(self, container: str) -> None:
+        self._check()
+        c = self._get(container)
+        self.w.calls.append(("start", c.name))
+        self.w._start(c)
+
+    def stop(self, container: str, timeout: float) -> None:
+        self._check()
+        c = self._get(container)
+        self.w.calls.append(("stop", c.name))
+        if c.state == "running":
+            c.state, c.exit_code, c.started_at, c.sleeping = "exited", 0, None, False
+
+    def remove(self, container: str, *, force: bool = False) -> None:
+        self._check()
+        c = self._get(container)
+        self.w.calls.append(("remove", c.name))
+        if c.state == "running" and not force:
+            raise EngineError("container is running")
+        del self.w.containers[container]
+
+    def logs(self, container: str, tail: int = 50) -> str:
+        self._check()
+        c = self._get(container)
+        return "".join(line + "\n" for line in c.log[-tail:])
+
+    def follow_logs(self, container: str, tail: int = 50) -> Iterator[str]:
+        self._check()
+        yield from self._get(container).log[-tail:]
+
+    def gpu_runtime_available(self) -> bool:
+        return False
+
+
+class FakeProbe:
+    def __init__(self, world: FakeWorld) -> None:
+        self.w = world
+
+    def _at(self, base_url: str) -> FakeContainer | None:
+        return self.w.container_on_port(int(base_url.rsplit(":", 1)[1]))
+
+    def health(self, base_url: str) -> HealthResult:
+        c = self._at(base_url)
+        if c is None:
+            return HealthResult(False, "connection refused")
+        assert c.started_at is not None
+        if self.w.clock.now - c.started_at < self.w.load_seconds.get(c.model, 0.0):
+            return HealthResult(False, "connection refused")
+        return HealthResult(True)
+
+    def is_sleeping(self, base_url: str) -> bool | None:
+        c = self._at(base_url)
+        return None if c is None else c.sleeping
+
+    def sleep(self, base_url: str, level: int = 1) -> None:
+        c = self._at(base_url)
+        model = c.model if c else base_url
+        self.w.calls.append(("sleep", model))
+        if c is None or model in self.w.sleep_fails:
+            raise ProbeError(f"POST {base_url}/sleep failed: simulated")
+        c.sleeping = True
+
+    def wake_up(self, base_url: str) -> None:
+        c = self._at(base_url)
+        self.w.calls.append(("wake", c.model if c else base_url))
+        if c is None:
+            raise ProbeError(f"POST {base_url}/wake_up failed: connection refused")
+        c.sleeping = False
+
+
+REGISTRY_TOML = """
+[host]
+gpus = [{ id = 0 }]
+gpu_memory_ceiling = 0.95
+
+[defaults]
+image = "vllm-fleet/sim:dev"
+hf_cache = ""
+health_timeout = 60
+
+[models.a]
+source = "org/a"
+port = 18001
+gpus = [0]
+gpu_memory_utilization = 0.6
+sleep_mode = true
+
+[models.b]
+source = "org/b"
+port = 18002
+gpus = [0]
+gpu_memory_utilization = 0.6
+autostart = false
+
+[models.c]
+source = "org/c"
+port = 18003
+gpus = [0]
+gpu_memory_utilization = 0.3
+autostart = false
+
+[models.remote]
+url = "http://10.0.0.9:8000"
+"""
+
+
+def make_registry(text: str = REGISTRY_TOML) -> Registry:
+    return parse_registry(text, source="test-models.toml")
+
+
+def make_fleet(world: FakeWorld, registry: Registry, tmp_path: Path, **kw: Any) -> Fleet:
+    messages: list[str] = kw.pop("messages", [])
+    return Fleet(
+        registry, world.engine, lock=SwitchLock(tmp_path / "fleet.lock", timeout=5),
+        probe=world.probe, clock=world.clock, progress=messages.append,
+        environ={"HF_TOKEN": "hf_secret_value", "HOME": "/home/u"}, base_dir=str(tmp_path),
+        **kw,
+    )
+
+
+def spec_hash_of(fleet: Fleet, model: str) -> str:
+    return fleet.specs[model].spec_hash

@@ -1,0 +1,325 @@
+"""Fleet lifecycle against a recording fake engine (no Docker, fake clock: no real waiting)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fleet.engine import NoGpuRuntime
+from fleet.lifecycle import Fleet, PlacementRefused, StartFailed, UnknownModel
+from support.fleet_fakes import FakeWorld, make_fleet, make_registry, spec_hash_of
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def world() -> FakeWorld:
+    return FakeWorld()
+
+
+@pytest.fixture
+def fleet(world: FakeWorld, tmp_path: Path) -> Fleet:
+    return make_fleet(world, make_registry(), tmp_path)
+
+
+def states(fleet: Fleet) -> dict[str, str]:
+    return {s.name: s.state for s in fleet.status()}
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def test_status_lists_managed_models_absent_with_their_placement(fleet: Fleet) -> None:
+    rows = fleet.status()
+    assert [r.name for r in rows] == ["a", "b", "c"]  # the remote model is not the fleet's
+    a = rows[0]
+    assert (a.state, a.port, a.gpus, a.fraction, a.uptime, a.health) == \
+        ("absent", 18001, (0,), 0.6, None, "-")
+    assert json.loads(json.dumps(a.as_dict()))["gpus"] == [0]
+
+
+def test_status_classifies_loading_healthy_stopped_sleeping_drifted(fleet: Fleet,
+                                                                     world: FakeWorld) -> None:
+    ca = world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"))
+    world.add_container("b", port=18002, spec_hash=spec_hash_of(fleet, "b"), state="exited")
+    world.add_container("c", port=18003, spec_hash="0123456789abcdef")
+    assert states(fleet) == {"a": "healthy", "b": "stopped", "c": "drifted"}
+    ca.sleeping = True
+    assert states(fleet)["a"] == "sleeping"
+    ca.sleeping = False
+    ca.started_at = world.clock.now
+    world.load_seconds["a"] = 30
+    row = fleet.status()[0]
+    assert (row.state, row.uptime) == ("loading", 0.0)
+    assert "connection refused" in row.detail
+    world.clock.sleep(61)  # past its health_timeout of 60 s and still not answering
+    world.load_seconds["a"] = 1000
+    assert fleet.status()[0].state == "running"
+    assert fleet.status()[0].health == "unhealthy"
+
+
+def test_status_lists_a_managed_container_whose_model_left_the_registry(
+        fleet: Fleet, world: FakeWorld) -> None:
+    world.add_container("gone", port=18009, spec_hash="x")
+    row = {s.name: s for s in fleet.status()}["gone"]
+    assert row.state == "drifted" and "not in the registry" in row.detail
+
+
+def test_extra_labels_scope_what_the_fleet_sees_and_creates(world: FakeWorld,
+                                                            tmp_path: Path) -> None:
+    fleet = make_fleet(world, make_registry(), tmp_path, extra_labels={"io.vllm-fleet.test": "r1"})
+    world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"))  # not in scope
+    assert states(fleet)["a"] == "absent"
+    kwargs = fleet.run_kwargs("b")
+    assert kwargs["labels"]["io.vllm-fleet.test"] == "r1"
+    assert kwargs["labels"]["io.vllm-fleet.spec-hash"] == spec_hash_of(fleet, "b")
+
+
+def test_hf_token_goes_to_the_container_env_only(fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["b"])
+    (c,) = world.by_model("b")
+    assert c.kwargs["environment"]["HF_TOKEN"] == "hf_secret_value"
+    assert "hf_secret_value" not in json.dumps(c.labels)
+    assert "hf_secret_value" not in json.dumps([s.as_dict() for s in fleet.status()])
+
+
+# -- up ------------------------------------------------------------------------------------
+
+
+def test_up_starts_autostart_models_and_waits_until_healthy(fleet: Fleet,
+                                                            world: FakeWorld) -> None:
+    world.load_seconds["a"] = 5.0
+    t0 = world.clock.now
+    report = fleet.up()
+    assert world.calls == [("run", "vllm-fleet-a")]  # b and c are not autostart
+    assert world.clock.now - t0 >= 5.0  # it waited (on the fake clock) for /health
+    assert report.awake == ("a",)
+    assert set(report.timings) == {"start", "healthy", "total"}
+    assert states(fleet) == {"a": "healthy", "b": "absent", "c": "absent"}
+
+
+def test_up_adopts_running_containers_and_starts_stopped_ones(fleet: Fleet,
+                                                              world: FakeWorld) -> None:
+    # e.g. made by `docker compose up` from the rendered file: same labels, other name
+    world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"),
+                        name="myproject-vllm-a-1")
+    world.add_container("c", port=18003, spec_hash=spec_hash_of(fleet, "c"), state="exited")
+    report = fleet.up(["a", "c"])
+    assert world.calls == [("start", "vllm-fleet-c")]
+    assert [(x.model, x.action) for x in report.actions] == [("a", "none"), ("c", "start")]
+    assert "adopted" in report.actions[0].note
+    assert states(fleet) == {"a": "healthy", "b": "absent", "c": "healthy"}
+
+
+def test_up_recreates_a_drifted_container(fleet: Fleet, world: FakeWorld) -> None:
+    world.add_container("a", port=18001, spec_hash="0ld0ld0ld0ld0ld0")
+    assert states(fleet)["a"] == "drifted"
+    report = fleet.up(["a"])
+    assert world.calls == [("remove", "vllm-fleet-a"), ("run", "vllm-fleet-a")]
+    assert report.actions[0].action == "recreate"
+    (c,) = world.by_model("a")
+    assert c.labels["io.vllm-fleet.spec-hash"] == spec_hash_of(fleet, "a")
+    assert states(fleet)["a"] == "healthy"
+
+
+def test_up_refuses_models_that_cannot_be_awake_together(fleet: Fleet,
+                                                         world: FakeWorld) -> None:
+    with pytest.raises(PlacementRefused) as exc:
+        fleet.up(["a", "b"])
+    assert "gpu-overcommit" in str(exc.value) and "GPU 0" in str(exc.value)
+    assert world.calls == []
+    fleet.up(["a"])
+    with pytest.raises(PlacementRefused, match="fleet switch"):
+        fleet.up(["b"])  # a is awake: up never evicts
+
+
+def test_up_of_a_crashing_model_reports_its_log_lines_and_the_state(fleet: Fleet,
+                                                                    world: FakeWorld) -> None:
+    world.crash.add("a")
+    with pytest.raises(StartFailed) as exc:
+        fleet.up(["a", "c"])
+    msg = str(exc.value)
+    assert "model 'a' failed to start" in msg and "exit code 1" in msg
+    assert "RuntimeError: simulated failure at start" in msg
+    assert "fleet state now: a stopped, c healthy; awake: c" in msg
+    assert "fleet up a" in msg
+    assert exc.value.failures[0].container == "vllm-fleet-a"
+
+
+# -- switch -------------------------------------------------------------------------------
+
+
+def test_switch_sleeps_a_sleep_mode_model_and_starts_the_target(fleet: Fleet,
+                                                                world: FakeWorld) -> None:
+    fleet.up(["a"])
+    world.calls.clear()
+    world.load_seconds["b"] = 3.0
+    report = fleet.switch("b")
+    assert world.calls == [("sleep", "a"), ("run", "vllm-fleet-b")]
+    assert [(x.model, x.action) for x in report.actions] == [("a", "sleep"), ("b", "create")]
+    assert list(report.timings) == ["evict", "start", "healthy", "total"]
+    assert report.timings["healthy"] >= 3.0
+    assert report.awake == ("b",)  # a sleeps: it holds no GPU budget
+    assert states(fleet) == {"a": "sleeping", "b": "healthy", "c": "absent"}
+
+
+def test_switch_back_stops_a_model_without_sleep_mode_and_wakes_the_sleeper(
+        fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["a"])
+    fleet.switch("b")
+    world.calls.clear()
+    report = fleet.switch("a")
+    assert world.calls == [("stop", "vllm-fleet-b"), ("wake", "a")]
+    assert [(x.model, x.action) for x in report.actions] == [("b", "stop"), ("a", "wake")]
+    assert states(fleet) == {"a": "healthy", "b": "stopped", "c": "absent"}
+
+
+def test_switch_to_a_model_that_fits_evicts_nothing(fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["a"])
+    world.calls.clear()
+    fleet.switch("c")
+    assert world.calls == [("run", "vllm-fleet-c")]
+    assert world.awake_models() == {"a", "c"}
+
+
+def test_switch_to_an_awake_model_does_nothing(fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["a"])
+    world.calls.clear()
+    report = fleet.switch("a")
+    assert world.calls == []
+    assert report.actions[0].action == "none"
+
+
+def test_switch_falls_back_to_stop_when_sleep_fails(fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["a"])
+    world.sleep_fails.add("a")
+    report = fleet.switch("b")
+    assert ("stop", "vllm-fleet-a") in world.calls
+    assert report.actions[0].action == "stop" and "sleep failed" in report.actions[0].note
+    assert world.awake_models() == {"b"}
+
+
+def test_switch_never_evicts_a_busy_model_without_force(world: FakeWorld,
+                                                        tmp_path: Path) -> None:
+    busy = {"a"}
+    fleet = make_fleet(world, make_registry(), tmp_path, busy=lambda m: m in busy)
+    fleet.up(["a"])
+    world.calls.clear()
+    with pytest.raises(PlacementRefused, match="busy"):
+        fleet.switch("b")
+    assert world.calls == []
+    fleet.switch("b", force=True)
+    assert world.awake_models() == {"b"}
+
+
+def test_failed_switch_reports_logs_state_and_how_to_go_back(fleet: Fleet,
+                                                             world: FakeWorld) -> None:
+    fleet.up(["a"])
+    world.crash.add("b")
+    with pytest.raises(StartFailed) as exc:
+        fleet.switch("b")
+    msg = str(exc.value)
+    assert "--- last log lines of vllm-fleet-b ---" in msg
+    assert "ERROR EngineCore failed to start" in msg
+    assert "fleet state now: a sleeping, b stopped; awake: none" in msg
+    assert "`fleet switch b` again" in msg and "`fleet switch a` to go back" in msg
+    world.crash.clear()
+    fleet.switch("a")  # recoverable: the way back works
+    assert world.awake_models() == {"a"}
+
+
+def test_a_model_that_never_becomes_healthy_fails_at_its_deadline_and_is_stopped(
+        fleet: Fleet, world: FakeWorld) -> None:
+    world.load_seconds["b"] = 10_000
+    t0 = world.clock.now
+    with pytest.raises(StartFailed) as exc:
+        fleet.switch("b")
+    assert 60 <= world.clock.now - t0 < 62  # the registry's health_timeout is 60 s
+    assert "health_timeout of 60s" in str(exc.value)
+    assert "stopped it" in str(exc.value)
+    assert world.running_models() == set()
+
+
+def test_switch_deadline_caps_the_wait(fleet: Fleet, world: FakeWorld) -> None:
+    world.load_seconds["b"] = 10_000
+    t0 = world.clock.now
+    with pytest.raises(StartFailed, match="the caller's deadline"):
+        fleet.switch("b", deadline=world.clock.now + 5)
+    assert world.clock.now - t0 < 6
+
+
+def test_switch_holds_the_lock_while_it_acts(fleet: Fleet, world: FakeWorld) -> None:
+    held: list[bool] = []
+    real_run = world.engine.run
+
+    def run(kwargs):  # type: ignore[no-untyped-def]
+        held.append(fleet.lock.held)
+        return real_run(kwargs)
+
+    world.engine.run = run  # type: ignore[method-assign]
+    fleet.switch("b")
+    assert held == [True]
+    assert not fleet.lock.held
+
+
+def test_switch_to_unknown_or_remote_model_is_a_usage_error(fleet: Fleet) -> None:
+    with pytest.raises(UnknownModel, match="managed models: a, b, c") as exc:
+        fleet.switch("nope")
+    assert exc.value.exit_code == 2
+    with pytest.raises(UnknownModel, match="remote model"):
+        fleet.switch("remote")
+
+
+def test_engine_errors_propagate_unchanged(fleet: Fleet, world: FakeWorld) -> None:
+    world.fail_run["b"] = NoGpuRuntime("model 'b' requests GPUs [0] but Docker has no NVIDIA runtime")
+    with pytest.raises(NoGpuRuntime, match="no NVIDIA runtime"):
+        fleet.switch("b")
+
+
+# -- sleep / wake / down / logs ----------------------------------------------------------
+
+
+def test_sleep_uses_vllm_sleep_mode_or_stops(fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["a", "c"])
+    world.calls.clear()
+    assert fleet.sleep("a").actions[0].action == "sleep"
+    assert fleet.sleep("c").actions[0].action == "stop"
+    assert world.calls == [("sleep", "a"), ("stop", "vllm-fleet-c")]
+    assert fleet.sleep("a").actions[0].action == "none"  # already sleeping
+    assert states(fleet) == {"a": "sleeping", "b": "absent", "c": "stopped"}
+
+
+def test_wake_never_evicts(fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["a"])
+    fleet.sleep("a")
+    fleet.up(["b"])
+    with pytest.raises(PlacementRefused, match="fleet switch a"):
+        fleet.wake("a")
+    fleet.sleep("b")  # stops b (no sleep_mode)
+    world.calls.clear()
+    fleet.wake("a")
+    assert world.calls == [("wake", "a")]
+    fleet.wake("c")  # fits beside a: started
+    assert world.awake_models() == {"a", "c"}
+
+
+def test_down_removes_every_container_in_scope_including_orphans(fleet: Fleet,
+                                                                 world: FakeWorld) -> None:
+    fleet.up(["a"])
+    world.add_container("gone", port=18009, spec_hash="x")
+    fleet.down(["a"])
+    assert [c.model for c in world.containers.values()] == ["gone"]
+    fleet.up(["c"])
+    report = fleet.down()
+    assert world.containers == {}
+    assert sorted(x.model for x in report.actions) == ["c", "gone"]
+
+
+def test_logs_of_a_model_and_of_an_absent_one(fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["a"])
+    assert "INFO starting a" in fleet.logs("a")
+    assert list(fleet.follow_logs("a")) == ["INFO starting a"]
+    with pytest.raises(Exception, match="has no container"):
+        fleet.logs("b")
