@@ -52,19 +52,25 @@ def _default_factory(registry: Registry, args: argparse.Namespace,
     return build_fleet(registry, load_settings(**overrides), progress=progress)
 
 
+def _global_options(default: Any) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--registry", metavar="PATH", default=default,
+                   help="registry file (default: $FLEET_REGISTRY, else ./models.toml)")
+    p.add_argument("--docker-host", metavar="URL", default=default,
+                   help="Docker daemon (default: $DOCKER_HOST, else the local socket)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", metavar="PATH", default=argparse.SUPPRESS,
-                        help="registry file (default: $FLEET_REGISTRY, else ./models.toml)")
-    common.add_argument("--docker-host", metavar="URL", default=argparse.SUPPRESS,
-                        help="Docker daemon (default: $DOCKER_HOST, else the local socket)")
+    # Accepted before and after the command; after it, only when given (SUPPRESS), so the
+    # subcommand does not overwrite a value given before it.
+    common = _global_options(argparse.SUPPRESS)
     json_opt = argparse.ArgumentParser(add_help=False)
     json_opt.add_argument("--json", action="store_true", help="print JSON on stdout")
 
     parser = argparse.ArgumentParser(
         prog="fleet", description="Run the registry's vLLM models as Docker containers.",
-        parents=[common])
-    parser.set_defaults(registry=None, docker_host=None)
+        parents=[_global_options(None)])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("up", parents=[common, json_opt],

@@ -1,0 +1,205 @@
+"""The `fleet` CLI: exit codes, stdout/stderr split, --json shapes (fake engine, no Docker)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet.cli import main
+from fleet.engine import DockerUnreachable
+from support.fleet_fakes import REGISTRY_TOML, FakeWorld, make_fleet, make_registry
+
+pytestmark = pytest.mark.unit
+
+
+class Run:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def world() -> FakeWorld:
+    return FakeWorld()
+
+
+@pytest.fixture
+def registry_file(tmp_path: Path) -> Path:
+    path = tmp_path / "models.toml"
+    path.write_text(REGISTRY_TOML)
+    return path
+
+
+@pytest.fixture
+def cli(world: FakeWorld, registry_file: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    def factory(registry, args, progress):  # type: ignore[no-untyped-def]
+        fleet = make_fleet(world, registry, tmp_path)
+        fleet._progress = progress
+        return fleet
+
+    def run(*argv: str, registry: Path | None = registry_file, fake: bool = True) -> Run:
+        out, err = io.StringIO(), io.StringIO()
+        full = [*(["--registry", str(registry)] if registry else []), *argv]
+        code = main(full, fleet_factory=factory if fake else None, stdout=out, stderr=err)
+        return Run(code, out.getvalue(), err.getvalue())
+
+    return run
+
+
+def test_status_table_and_json(cli) -> None:  # type: ignore[no-untyped-def]
+    r = cli("status")
+    assert r.code == 0 and r.err == ""
+    assert r.out.splitlines()[0].split() == ["MODEL", "STATE", "PORT", "GPUS", "FRACTION",
+                                             "UPTIME", "HEALTH", "DETAIL"]
+    assert r.out.splitlines()[1].split() == ["a", "absent", "18001", "0", "0.6", "-", "-"]
+    r = cli("status", "--json")
+    rows = r.json()
+    assert [row["name"] for row in rows] == ["a", "b", "c"]
+    assert set(rows[0]) == {"name", "state", "port", "gpus", "fraction", "uptime", "health",
+                            "container", "detail"}
+    assert rows[0]["gpus"] == [0] and rows[0]["state"] == "absent"
+
+
+def test_global_options_work_after_the_command_too(cli, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
+    r = cli("status", "--json", "--registry", str(registry_file), registry=None)
+    assert r.code == 0 and len(r.json()) == 3
+
+
+def test_up_then_switch_prints_timings_on_stderr_and_data_on_stdout(cli, world) -> None:  # type: ignore[no-untyped-def]
+    r = cli("up")
+    assert r.code == 0, r.err
+    assert "a: create" in r.out and "awake: a" in r.out
+    r = cli("switch", "b")
+    assert r.code == 0, r.err
+    assert "sleeping a" in r.err
+    timing = [line for line in r.err.splitlines() if line.startswith("switch b: ")]
+    assert timing and all(k in timing[0] for k in ("evict", "start", "healthy", "total"))
+    assert "awake: b" in r.out
+    r = cli("switch", "a", "--json")
+    report = r.json()
+    assert report["operation"] == "switch" and report["target"] == ["a"]
+    assert [(x["model"], x["action"]) for x in report["actions"]] == [("b", "stop"),
+                                                                       ("a", "wake")]
+    assert set(report["timings"]) == {"evict", "start", "healthy", "total"}
+    assert report["awake"] == ["a"]
+
+
+def test_plan_switch_is_a_dry_run(cli, world) -> None:  # type: ignore[no-untyped-def]
+    cli("up")
+    world.calls.clear()
+    r = cli("plan", "switch", "b")
+    assert r.code == 0
+    assert "sleep a" in r.out and "start b" in r.out
+    assert cli("switch", "b", "--dry-run").out == r.out
+    plan = cli("plan", "switch", "b", "--json").json()
+    assert plan["evict"][0]["model"] == "a" and plan["start_action"] == "start"
+    assert world.calls == []
+
+
+def test_failed_switch_exits_1_with_log_lines_and_state(cli, world) -> None:  # type: ignore[no-untyped-def]
+    world.crash.add("b")
+    r = cli("switch", "b")
+    assert r.code == 1
+    assert "RuntimeError: simulated failure at start" in r.err
+    assert "fleet state now:" in r.err and "to recover:" in r.err
+    assert r.out == ""
+
+
+def test_refused_switch_exits_1(world, registry_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    def factory(registry, args, progress):  # type: ignore[no-untyped-def]
+        return make_fleet(world, registry, tmp_path, busy=lambda m: True)
+
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["--registry", str(registry_file), "up"], fleet_factory=factory,
+                stdout=out, stderr=err) == 0
+    code = main(["--registry", str(registry_file), "switch", "b"], fleet_factory=factory,
+                stdout=out, stderr=err)
+    assert code == 1 and "[busy]" in err.getvalue()
+
+
+def test_docker_unreachable_exits_1_with_the_message(cli, world) -> None:  # type: ignore[no-untyped-def]
+    world.unreachable = DockerUnreachable("cannot reach the Docker daemon at tcp://x: is "
+                                          "dockerd running?")
+    r = cli("status")
+    assert r.code == 1
+    assert r.err.strip() == "fleet: cannot reach the Docker daemon at tcp://x: is dockerd running?"
+
+
+def test_real_engine_against_a_closed_port_exits_1(cli, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:1")
+    r = cli("status", fake=False)
+    assert r.code == 1
+    assert "cannot reach the Docker daemon at tcp://127.0.0.1:1" in r.err
+    assert "Connection refused" in r.err and "is dockerd running?" in r.err
+    r = cli("--docker-host", "tcp://127.0.0.1:1", "up", fake=False)
+    assert r.code == 1 and "tcp://127.0.0.1:1" in r.err
+
+
+def test_usage_and_config_errors_exit_2(cli, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models.x]\nsource = "org/x"\nprot = 1\n')
+    r = cli("status", registry=bad)
+    assert r.code == 2 and "unknown field 'prot' (did you mean 'port'?)" in r.err
+    r = cli("status", registry=tmp_path / "missing.toml")
+    assert r.code == 2 and "file not found" in r.err
+    assert cli("switch", "nope").code == 2
+    assert "remote model" in cli("switch", "remote").err
+    assert cli().code == 2  # no command
+    assert cli("frobnicate").code == 2
+    monkeypatch.setenv("FLEET_EXTRA_LABELS", "no-equals-sign")
+    r = cli("status", fake=False)
+    assert r.code == 2 and "FLEET_EXTRA_LABELS" in r.err
+
+
+def test_check_verdict_and_exit_codes(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    r = cli("check")
+    assert r.code == 0 and "ok: 3 managed model(s)" in r.out
+    over = tmp_path / "over.toml"
+    over.write_text(REGISTRY_TOML.replace("autostart = false\n", "", 1))  # a and b autostart
+    r = cli("check", registry=over)
+    assert r.code == 2 and "[gpu-overcommit]" in r.out
+    data = cli("check", "--json", registry=over).json()
+    assert data["ok"] is False and data["violations"][0]["kind"] == "gpu-overcommit"
+
+
+def test_compose_writes_and_checks_drift(cli, registry_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "compose.yaml"
+    r = cli("compose")
+    assert r.code == 0 and r.out.strip() == str(target)
+    assert "container_name: vllm-fleet-a" in target.read_text()
+    assert "hf_secret_value" not in target.read_text()
+    assert cli("compose", "--check").code == 0
+    target.write_text(target.read_text().replace("18001", "18011"))
+    r = cli("compose", "--check")
+    assert r.code == 1 and "-" in r.out and "18011" in r.out and "re-render" in r.err
+    assert cli("compose", "--output", "-").out.startswith("# generated from models.toml")
+
+
+def test_logs(cli, world) -> None:  # type: ignore[no-untyped-def]
+    cli("up")
+    r = cli("logs", "a", "--tail", "5")
+    assert r.code == 0 and "INFO starting a" in r.out
+    assert cli("logs", "a", "--follow").out == "INFO starting a\n"
+    r = cli("logs", "b")
+    assert r.code == 1 and "has no container" in r.err
+
+
+def test_python_dash_m_fleet() -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    r = subprocess.run([sys.executable, "-m", "fleet", "--help"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 0 and "switch" in r.stdout
+
+
+def test_make_registry_matches_file(registry_file: Path) -> None:
+    assert set(make_registry().models) == {"a", "b", "c", "remote"}
