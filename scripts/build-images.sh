@@ -124,7 +124,7 @@ build_base() {
         - "$BASE_IMAGE" >/dev/null || die "docker import failed"
     cleanup_rootfs
     local pyver
-    pyver="$("$DOCKER" run --rm "$BASE_IMAGE" python3 -c 'import sys, pip; print(sys.version.split()[0], "pip", pip.__version__)')" \
+    pyver="$("$DOCKER" run --rm --label "$LABEL_IMAGE=base-check" "$BASE_IMAGE" python3 -c 'import sys, pip; print(sys.version.split()[0], "pip", pip.__version__)')" \
         || die "$BASE_IMAGE was imported but python3/pip do not run in it"
     step_done "$BASE_IMAGE with python $pyver from $mirror"
 }
