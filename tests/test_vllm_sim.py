@@ -117,6 +117,14 @@ def test_port_closed_until_loaded(sim_factory: SimFactory) -> None:
     assert "Starting vLLM API server" in server.logs()
 
 
+def test_sigterm_while_loading_exits_at_once(sim_factory: SimFactory) -> None:
+    server = sim_factory(load_seconds=60, wait=False)
+    poll(lambda: "Starting to load model" in server.logs(), 10.0, "the simulator loads")
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 2.0
+
+
 # -- streaming -----------------------------------------------------------------------------------
 def _timed_events(server: SimServer, body: dict[str, Any]) -> tuple[float, list[tuple[float, str]]]:
     with httpx.Client(timeout=TIMEOUT) as c:

@@ -212,7 +212,7 @@ class SimApp:
         body = parse_json(await _read_body(receive))
         sampling, prompts = validate_completion(body)
         model = self._model(sampling.model)
-        counts = [p.__len__() if isinstance(p, list) else Tokenizer.count(p) for p in prompts]
+        counts = [len(p) if isinstance(p, list) else Tokenizer.count(p) for p in prompts]
         max_tokens = max(check_sampling(sampling, c, self.config.max_model_len,
                                         self.knobs.max_tokens_default) for c in counts)
         first = prompts[0]

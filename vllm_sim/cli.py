@@ -197,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, _on_term)
     _log("INFO", "api_server.py:1896", f"vLLM API server version {VLLM_VERSION}")
     _log("INFO", "utils.py:328", f"non-default args: {non_default}")
     _log("INFO", "model.py:631", f"Resolved architecture: simulator (model {config.model!r})")

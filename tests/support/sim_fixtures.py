@@ -117,14 +117,18 @@ def start_sim(
     host: str = "127.0.0.1",
     wait: bool = True,
     timeout: float = 15.0,
+    python: str | None = None,
 ) -> SimServer:
     """Start `python -m vllm_sim` on a free port; wait for /health unless `wait=False`.
 
     `args` are extra vLLM flags; `env` extra environment (e.g. VLLM_SIM_* knobs,
     VLLM_SERVER_DEV_MODE); the keyword knobs set VLLM_SIM_LOAD_SECONDS / _TTFT_MS / _ITL_MS.
+    `python` is the interpreter (default: $VLLM_SIM_PYTHON, else this one), e.g. a venv
+    with nothing but uvicorn to check the simulator needs nothing more.
     """
     port = port if port is not None else free_port(host)
-    cmd = [sys.executable, "-m", "vllm_sim", "--model", model, "--served-model-name",
+    python = python or os.environ.get("VLLM_SIM_PYTHON") or sys.executable
+    cmd = [python, "-m", "vllm_sim", "--model", model, "--served-model-name",
            *served_names, "--host", host, "--port", str(port),
            "--max-model-len", str(max_model_len), *args]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SIM_")}
