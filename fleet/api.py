@@ -31,7 +31,9 @@ class FleetSettings(BaseSettings):
     Environment: FLEET_NAME_PREFIX, FLEET_EXTRA_LABELS ("k=v,k2=v2": added to every container
     the fleet creates and required of every container it manages, to scope a fleet, e.g. a
     test run), FLEET_LOCK_FILE, FLEET_LOCK_TIMEOUT, FLEET_DOCKER_HOST or DOCKER_HOST,
-    FLEET_DOCKER_TIMEOUT, FLEET_STOP_TIMEOUT.
+    FLEET_DOCKER_TIMEOUT, FLEET_STOP_TIMEOUT, FLEET_NETWORK (a user-defined network, e.g. the
+    compose project's `vllm-fleet_default`, that created containers join with their service
+    name as alias).
     """
 
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
@@ -44,6 +46,7 @@ class FleetSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("FLEET_DOCKER_HOST", "DOCKER_HOST"))
     docker_timeout: float = Field(default=DEFAULT_DOCKER_TIMEOUT, gt=0)
     stop_timeout: float = Field(default=DEFAULT_STOP_TIMEOUT, ge=0)
+    network: str | None = None
 
     def labels(self) -> dict[str, str]:
         return parse_labels(self.extra_labels)
@@ -105,6 +108,7 @@ def build_fleet(
         progress=progress,
         name_prefix=s.name_prefix,
         extra_labels=s.labels(),
+        network=s.network,
         environ=env,
         stop_timeout=s.stop_timeout,
     )

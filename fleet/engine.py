@@ -82,6 +82,7 @@ class ContainerRecord:
     exit_code: int | None = None
     restart_count: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
+    networks: tuple[str, ...] = ()  # user-defined networks (not bridge/host/none)
 
     @property
     def running(self) -> bool:
@@ -175,6 +176,8 @@ def record_from_attrs(attrs: Mapping[str, Any]) -> ContainerRecord:
                 ports.add(int(b["HostPort"]))
     health = (state.get("Health") or {}).get("Status") or None
     running = state.get("Status") == "running"
+    nets = ((attrs.get("NetworkSettings") or {}).get("Networks") or {})
+    networks = tuple(sorted(n for n in nets if n not in ("bridge", "host", "none")))
     return ContainerRecord(
         id=str(attrs.get("Id", "")),
         name=str(attrs.get("Name", "")).lstrip("/"),
@@ -188,6 +191,7 @@ def record_from_attrs(attrs: Mapping[str, Any]) -> ContainerRecord:
         exit_code=None if running else state.get("ExitCode"),
         restart_count=int(attrs.get("RestartCount") or 0),
         labels=labels,
+        networks=networks,
     )
 
 
@@ -337,6 +341,10 @@ class DockerEngine:
             )
         if exc.status_code == 409 and "already in use" in text:
             return self._name_conflict(kwargs, text)
+        if exc.status_code == 404 and "network" in text.lower():
+            net = kwargs.get("network", "?")
+            return EngineError(f"Docker {op} failed for model {model!r}: {text}; create the "
+                               f"network (`docker network create {net}`) or unset FLEET_NETWORK")
         if exc.status_code == 404:
             return ContainerMissing(f"Docker {op}: {text}")
         return EngineError(f"Docker {op} failed for model {model!r}: {text}")

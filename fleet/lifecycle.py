@@ -39,7 +39,7 @@ from fleet.planner import (
     fleet_specs,
     plan_switch,
 )
-from fleet.registry import ModelSpec, Registry
+from fleet.registry import ModelSpec, Registry, service_name
 from fleet.spec import DEFAULT_NAME_PREFIX, ContainerSpec, docker_run_kwargs
 
 DEFAULT_STOP_TIMEOUT = 30.0
@@ -209,6 +209,7 @@ class Fleet:
         progress: Callable[[str], None] | None = None,
         name_prefix: str = DEFAULT_NAME_PREFIX,
         extra_labels: Mapping[str, str] | None = None,
+        network: str | None = None,
         environ: Mapping[str, str] | None = None,
         base_dir: str | None = None,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
@@ -225,6 +226,7 @@ class Fleet:
         self._progress = progress
         self.name_prefix = name_prefix
         self.extra_labels = dict(extra_labels or {})
+        self.network = network
         self.environ = os.environ if environ is None else environ
         if base_dir is None and registry.source:
             base_dir = str(Path(registry.source).resolve().parent)
@@ -247,10 +249,18 @@ class Fleet:
             self._specs = fleet_specs(self.registry, name_prefix=self.name_prefix)
         return self._specs
 
-    def run_kwargs(self, name: str) -> dict[str, Any]:
-        """docker-py create kwargs for `name`, with this fleet's extra (scoping) labels."""
+    def run_kwargs(self, name: str, network: str | None = None) -> dict[str, Any]:
+        """docker-py create kwargs for `name`, with this fleet's extra (scoping) labels.
+
+        `network` (else the fleet's): a user-defined network to join, with the model's
+        service name as alias, as compose does (so a gateway in compose reaches it).
+        """
         kwargs = docker_run_kwargs(self.specs[name], self.environ, base_dir=self.base_dir)
         kwargs["labels"] = {**kwargs.get("labels", {}), **self.extra_labels}
+        net = network or self.network
+        if net:
+            kwargs["network"] = net
+            kwargs["networking_config"] = {net: {"Aliases": [service_name(name)]}}
         return kwargs
 
     def model(self, name_or_alias: str) -> ModelSpec:
@@ -477,14 +487,16 @@ class Fleet:
                 done = "restart"
         elif state == "absent":
             self.say(f"creating {m.name} ({self.specs[m.name].name})")
-            self.engine.run(self.run_kwargs(m.name))
+            self.engine.run(self.run_kwargs(m.name, network=self._peer_network()))
             done = "create"
         elif state == "drifted":
             assert rec is not None
             self.say(f"recreating {m.name}: its container was made from another spec")
             for old in (rec, *seen.extras):
                 self.engine.remove(old.id, force=True)
-            self.engine.run(self.run_kwargs(m.name))
+            # Keep it on the network it was on (e.g. made by compose: the gateway's network).
+            self.engine.run(self.run_kwargs(m.name, network=rec.networks[0] if rec.networks
+                                            else None))
             done = "recreate"
         elif state == "stopped":
             assert rec is not None
@@ -494,6 +506,17 @@ class Fleet:
         else:  # running/healthy/loading reached with another action: nothing to do
             done = "none"
         report.actions.append(ActionTaken(m.name, done, self.clock.monotonic() - t))
+
+    def _peer_network(self) -> str | None:
+        """The user-defined network the fleet's other containers share (e.g. the compose
+        project's network), so a new container is reachable the same way; None if none."""
+        if self.network:
+            return None  # run_kwargs applies the configured one
+        counts: dict[str, int] = {}
+        for rec in self.engine.list_managed(self.extra_labels):
+            for net in rec.networks:
+                counts[net] = counts.get(net, 0) + 1
+        return max(sorted(counts), key=lambda n: counts[n]) if counts else None
 
     def _wait_healthy(self, models: Sequence[ModelSpec], report: Report,
                       recover_extra: str = "", deadline: float | None = None) -> None:

@@ -323,3 +323,30 @@ def test_logs_of_a_model_and_of_an_absent_one(fleet: Fleet, world: FakeWorld) ->
     assert list(fleet.follow_logs("a")) == ["INFO starting a"]
     with pytest.raises(Exception, match="has no container"):
         fleet.logs("b")
+
+
+def test_new_containers_join_the_network_their_peers_share(fleet: Fleet,
+                                                           world: FakeWorld) -> None:
+    # a compose deployment: the gateway reaches models by service name on the project network
+    world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"),
+                        networks=("proj_default",))
+    fleet.switch("c")
+    (c,) = world.by_model("c")
+    assert c.kwargs["network"] == "proj_default"
+    assert c.kwargs["networking_config"] == {"proj_default": {"Aliases": ["vllm-c"]}}
+
+
+def test_a_recreated_container_stays_on_its_network(fleet: Fleet, world: FakeWorld) -> None:
+    world.add_container("a", port=18001, spec_hash="0ld", networks=("proj_default",))
+    fleet.up(["a"])
+    (c,) = world.by_model("a")
+    assert c.networks == ("proj_default",)
+
+
+def test_a_configured_network_wins(world: FakeWorld, tmp_path: Path) -> None:
+    fleet = make_fleet(world, make_registry(), tmp_path, network="fleetnet")
+    world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"),
+                        networks=("proj_default",))
+    fleet.switch("c")
+    assert world.by_model("c")[0].kwargs["networking_config"] == {"fleetnet": {"Aliases": ["vllm-c"]}}
+    assert "network" not in make_fleet(FakeWorld(), make_registry(), tmp_path).run_kwargs("a")

@@ -49,6 +49,7 @@ class FakeContainer:
     sleeping: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    networks: tuple[str, ...] = ()
 
     @property
     def model(self) -> str:
@@ -73,13 +74,13 @@ class FakeWorld:
 
     def add_container(self, model: str, *, port: int, spec_hash: str, state: str = "running",
                       name: str | None = None, labels: Mapping[str, str] | None = None,
-                      loaded: bool = True) -> FakeContainer:
+                      loaded: bool = True, networks: tuple[str, ...] = ()) -> FakeContainer:
         """A container that exists before the fleet looks (e.g. made by compose)."""
         c = FakeContainer(
             id=f"c{next(self._ids)}", name=name or f"vllm-fleet-{model}",
             labels={LABEL_MANAGED: "true", LABEL_MODEL: model, LABEL_SPEC_HASH: spec_hash,
                     **(labels or {})},
-            port=port, state=state,
+            port=port, state=state, networks=networks,
         )
         if state == "running":
             c.started_at = self.clock.now - (10_000.0 if loaded else 0.0)
@@ -132,6 +133,7 @@ class FakeEngine:
             started_at=(self.w.clock.time() - (self.w.clock.now - c.started_at))
             if running and c.started_at is not None else None,
             exit_code=None if running else c.exit_code, labels=dict(c.labels),
+            networks=c.networks,
         )
 
     def _get(self, cid: str) -> FakeContainer:
@@ -162,7 +164,8 @@ class FakeEngine:
             raise EngineError(f"container name {run_kwargs['name']!r} is already in use")
         (host_ip, port), = run_kwargs["ports"].values()
         c = FakeContainer(id=f"c{next(self.w._ids)}", name=run_kwargs["name"], labels=labels,
-                          port=int(port), kwargs=dict(run_kwargs))
+                          port=int(port), kwargs=dict(run_kwargs),
+                          networks=(run_kwargs["network"],) if "network" in run_kwargs else ())
         self.w.containers[c.id] = c
         self.w._start(c)
         return self._record(c)
