@@ -12,7 +12,7 @@ the caller may build and pass in; nothing is read at import time.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,7 +36,7 @@ class FleetSettings(BaseSettings):
     name as alias).
     """
 
-    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", populate_by_name=True)
 
     name_prefix: str = DEFAULT_NAME_PREFIX
     extra_labels: str = ""
@@ -120,8 +120,8 @@ class FleetClient:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
 
-    def status(self) -> list[ModelStatus]:
-        return self.fleet.status()
+    def status(self, models: Collection[str] | None = None) -> list[ModelStatus]:
+        return self.fleet.status(models)
 
     def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report | None:
         """Return at once (None) if `model` is healthy; else switch to it and wait.
@@ -132,9 +132,8 @@ class FleetClient:
         `fleet.lock.LockTimeout`.
         """
         name = self.fleet.model(model).name
-        for s in self.fleet.status():
-            if s.name == name and s.state == "healthy":
-                return None
+        if any(s.state == "healthy" for s in self.fleet.status([name])):
+            return None
         deadline = None if timeout is None else self.fleet.clock.monotonic() + timeout
         return self.fleet.switch(name, deadline=deadline)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -294,7 +294,8 @@ class Fleet:
 
     # -- observe -------------------------------------------------------------------------
 
-    def _observe(self, *, probe: bool = True) -> dict[str, _Seen]:
+    def _observe(self, *, probe: bool = True,
+                 only: Collection[str] | None = None) -> dict[str, _Seen]:
         records = self.engine.list_managed(self.extra_labels)
         grouped: dict[str, list[ContainerRecord]] = {}
         for r in records:
@@ -306,10 +307,14 @@ class Fleet:
                 continue
             spec = self.specs[name]
             mine = grouped.pop(name, [])
+            if only is not None and name not in only:
+                continue
             rec = _pick(mine, spec.name) if mine else None
             extras = tuple(r for r in mine if r is not rec)
             seen[name] = _Seen(self._classify(m, spec, rec, now, probe), rec, extras)
         for name, mine in grouped.items():  # managed containers the registry no longer has
+            if only is not None and name not in only:
+                continue
             rec = _pick(mine, None)
             seen[name] = _Seen(ModelStatus(
                 name=name or "?", state="drifted", port=rec.ports[0] if rec.ports else None,
@@ -369,9 +374,16 @@ class Fleet:
             state = "loading"
         return ModelStatus(state=state, health=health, detail=detail, **common)
 
-    def status(self, *, probe: bool = True) -> list[ModelStatus]:
-        """Every managed model's state (and orphaned managed containers). No lock needed."""
-        return [s.status for s in self._observe(probe=probe).values()]
+    def status(self, models: Collection[str] | None = None, *,
+               probe: bool = True) -> list[ModelStatus]:
+        """The state of `models` (names; default: every managed model and every orphaned
+        managed container). Read-only: no lock needed."""
+        only = None if models is None else {self._name(x) for x in models}
+        return [s.status for s in self._observe(probe=probe, only=only).values()]
+
+    def _name(self, model: str) -> str:
+        m = self.registry.get(model)
+        return m.name if m is not None else model
 
     def _observed_models(self, seen: Mapping[str, _Seen]) -> dict[str, ObservedModel]:
         out: dict[str, ObservedModel] = {}

@@ -140,8 +140,9 @@ def test_real_engine_against_a_closed_port_exits_1(cli, monkeypatch) -> None:  #
     assert r.code == 1
     assert "cannot reach the Docker daemon at tcp://127.0.0.1:1" in r.err
     assert "Connection refused" in r.err and "is dockerd running?" in r.err
-    r = cli("--docker-host", "tcp://127.0.0.1:1", "up", fake=False)
-    assert r.code == 1 and "tcp://127.0.0.1:1" in r.err
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    r = cli("--docker-host", "tcp://127.0.0.1:1", "up", fake=False)  # the option wins
+    assert r.code == 1 and "at tcp://127.0.0.1:1 " in r.err
 
 
 def test_usage_and_config_errors_exit_2(cli, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,61 @@
+"""fleet.api: settings from the environment, FleetClient.ensure_awake (fake engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleet.api import FleetClient, SettingsError, build_fleet, load_settings, parse_labels
+from fleet.engine import DockerEngine
+from fleet.lifecycle import StartFailed
+from support.fleet_fakes import FakeWorld, make_fleet, make_registry
+
+pytestmark = pytest.mark.unit
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FLEET_NAME_PREFIX", "t1")
+    monkeypatch.setenv("FLEET_EXTRA_LABELS", "io.vllm-fleet.test=abc, team = x")
+    monkeypatch.setenv("DOCKER_HOST", "tcp://10.0.0.1:2375")
+    monkeypatch.setenv("FLEET_LOCK_FILE", str(tmp_path / "l"))
+    s = load_settings()
+    assert s.labels() == {"io.vllm-fleet.test": "abc", "team": "x"}
+    fleet = build_fleet(make_registry(), s)
+    assert fleet.name_prefix == "t1" and fleet.specs["a"].name == "t1-a"
+    assert fleet.extra_labels == {"io.vllm-fleet.test": "abc", "team": "x"}
+    assert isinstance(fleet.engine, DockerEngine)
+    assert fleet.engine.base_url == "tcp://10.0.0.1:2375"
+    assert fleet.lock.path == tmp_path / "l"
+    assert load_settings(docker_host="unix:///x.sock").docker_host == "unix:///x.sock"
+
+
+def test_invalid_settings_raise_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError, match="'oops' is not KEY=VALUE"):
+        parse_labels("a=b,oops")
+    monkeypatch.setenv("FLEET_LOCK_TIMEOUT", "soon")
+    with pytest.raises(SettingsError, match="lock_timeout"):
+        load_settings()
+
+
+def test_ensure_awake_returns_at_once_when_healthy_else_switches(tmp_path: Path) -> None:
+    world = FakeWorld()
+    client = FleetClient(make_fleet(world, make_registry(), tmp_path))
+    report = client.ensure_awake("a")
+    assert report is not None and report.awake == ("a",)
+    world.calls.clear()
+    assert client.ensure_awake("a") is None
+    assert world.calls == []
+    report = client.ensure_awake("b", timeout=30)
+    assert report is not None and [x.action for x in report.actions] == ["sleep", "create"]
+    assert [s.state for s in client.status(["a", "b"])] == ["sleeping", "healthy"]
+
+
+def test_ensure_awake_timeout_caps_the_health_wait(tmp_path: Path) -> None:
+    world = FakeWorld()
+    client = FleetClient(make_fleet(world, make_registry(), tmp_path))
+    world.load_seconds["b"] = 50
+    t0 = world.clock.now
+    with pytest.raises(StartFailed, match="caller's deadline"):
+        client.ensure_awake("b", timeout=2)
+    assert world.clock.now - t0 < 3
