@@ -435,11 +435,11 @@ class Fleet:
                 self._evict(ev, seen[ev.model], report)
             t_start = self.clock.monotonic()
             report.timings["evict"] = t_start - t_evict
-            self._bring_up(m, seen[m.name], plan.start_action, report)
-            t_healthy = self.clock.monotonic()
-            report.timings["start"] = t_healthy - t_start
             evicted = [ev.model for ev in plan.evict]
             back = (f"`fleet switch {evicted[0]}` to go back" if evicted else "")
+            self._start(m, seen[m.name], plan.start_action, report, recover_extra=back)
+            t_healthy = self.clock.monotonic()
+            report.timings["start"] = t_healthy - t_start
             self._wait_healthy([m], report, recover_extra=back, deadline=deadline)
             report.timings["healthy"] = self.clock.monotonic() - t_healthy
             report.timings["total"] = self.clock.monotonic() - t0
@@ -572,11 +572,26 @@ class Fleet:
                 self.clock.sleep(self.poll_interval)
         if failures:
             names = [f.model for f in failures]
-            recover = (f"fix the cause shown in the log above, then run `fleet "
-                       f"{report.operation} {' '.join(names)}` again")
-            if recover_extra:
-                recover += f"; or {recover_extra}"
-            raise StartFailed(failures, self._state_line(), recover)
+            raise self._start_failed(failures, report, recover_extra)
+
+    def _start_failed(self, failures: Sequence[ModelFailure], report: Report,
+                      recover_extra: str = "") -> StartFailed:
+        names = " ".join(f.model for f in failures)
+        recover = (f"fix the cause shown above, then run `fleet {report.operation} {names}` "
+                   f"again")
+        if recover_extra:
+            recover += f"; or {recover_extra}"
+        return StartFailed(failures, self._state_line(), recover)
+
+    def _start(self, m: ModelSpec, seen: _Seen, action: str, report: Report,
+               recover_extra: str = "") -> None:
+        """`_bring_up`, turning an engine refusal (port taken, no GPU runtime, image
+        missing, name taken) into StartFailed, which states what is awake now."""
+        try:
+            self._bring_up(m, seen, action, report)
+        except EngineError as exc:
+            raise self._start_failed([ModelFailure(m.name, str(exc), None, "")], report,
+                                     recover_extra) from exc
 
     def _current(self, name: str) -> ContainerRecord | None:
         mine = [r for r in self.engine.list_managed(self.extra_labels) if r.model == name]
@@ -629,7 +644,7 @@ class Fleet:
                     report.actions.append(ActionTaken(m.name, "none", 0.0,
                                                       f"adopted ({s.status.state})"))
                     continue
-                self._bring_up(m, s, "start", report)
+                self._start(m, s, "start", report)
             t1 = self.clock.monotonic()
             report.timings["start"] = t1 - t0
             self._wait_healthy(targets, report)
@@ -706,7 +721,7 @@ class Fleet:
                     f"evicts what is in the way:", violations)
             report = Report("wake", (m.name,))
             action = "none" if s.status.state in ("healthy", "loading", "running") else "start"
-            self._bring_up(m, s, action, report)
+            self._start(m, s, action, report)
             t1 = self.clock.monotonic()
             report.timings["start"] = t1 - t0
             self._wait_healthy([m], report)

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -273,10 +272,11 @@ gpu_memory_utilization = 0.5
     assert "nvidia" not in docker_cli("info", "--format", "{{json .Runtimes}}").stdout
     r = fleet("up")
     assert r.returncode == 1
-    assert ("fleet: model 'sim-gpu' requests GPUs [0] but Docker has no NVIDIA runtime "
+    assert ("model 'sim-gpu' requests GPUs [0] but Docker has no NVIDIA runtime "
             "(could not select device driver \"nvidia\" with capabilities: [[gpu]]): install "
             "the NVIDIA Container Toolkit") in r.stderr, r.stderr
     assert fleet.containers() == []  # the never-started container was removed
+    assert "fleet state now: no containers; awake: none" in r.stderr
 
 
 def test_port_in_use_and_foreign_container_name_are_explained(

@@ -272,10 +272,19 @@ def test_switch_to_unknown_or_remote_model_is_a_usage_error(fleet: Fleet) -> Non
         fleet.switch("remote")
 
 
-def test_engine_errors_propagate_unchanged(fleet: Fleet, world: FakeWorld) -> None:
-    world.fail_run["b"] = NoGpuRuntime("model 'b' requests GPUs [0] but Docker has no NVIDIA runtime")
-    with pytest.raises(NoGpuRuntime, match="no NVIDIA runtime"):
+def test_an_engine_refusal_after_evicting_states_the_fleet(fleet: Fleet,
+                                                          world: FakeWorld) -> None:
+    fleet.up(["a"])
+    world.fail_run["b"] = NoGpuRuntime("model 'b' requests GPUs [0] but Docker has no "
+                                       "NVIDIA runtime")
+    with pytest.raises(StartFailed) as exc:
         fleet.switch("b")
+    msg = str(exc.value)
+    assert "model 'b' failed to start: model 'b' requests GPUs [0] but Docker has no " \
+           "NVIDIA runtime" in msg
+    assert "fleet state now: a sleeping; awake: none" in msg
+    assert "`fleet switch a` to go back" in msg
+    assert isinstance(exc.value.__cause__, NoGpuRuntime)
 
 
 # -- sleep / wake / down / logs ----------------------------------------------------------
