@@ -97,8 +97,9 @@ class ModelSpec(_Strict):
     description: str = ""
     tags: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
-    # A remote model: an already running OpenAI-compatible server, routed to, never managed.
-    url: str | None = None
+    # A remote model: an already running OpenAI-compatible server (or a list of replicas of
+    # one), routed to, never managed.
+    url: str | tuple[str, ...] | None = None
     served_model_name: str | None = None
     # A managed model: one vLLM container.
     source: str | None = None
@@ -118,6 +119,19 @@ class ModelSpec(_Strict):
     args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
     volumes: tuple[str, ...] = ()
+    # Replicas: `replicas` containers (ports port, port+1, ...), or autoscaled between
+    # min_replicas and max_replicas around target_ongoing_requests per replica.
+    replicas: int = Field(default=1, ge=1, le=64)
+    min_replicas: int | None = Field(default=None, ge=0, le=64)
+    max_replicas: int | None = Field(default=None, ge=1, le=64)
+    target_ongoing_requests: float | None = Field(default=None, gt=0)
+    # Serving limits and timeouts (the gateway's), and idle time-to-live (the fleet's).
+    max_concurrency: int | None = Field(default=None, ge=1, description="in flight per model")
+    max_queue: int = Field(default=64, ge=0, description="waiting beyond max_concurrency")
+    queue_timeout: float = Field(default=30.0, gt=0, description="seconds a request may wait")
+    connect_timeout: float | None = Field(default=None, gt=0)
+    read_timeout: float | None = Field(default=None, gt=0)
+    ttl: float | None = Field(default=None, gt=0, description="idle seconds before sleep/stop")
 
     @field_validator("tags", "aliases", "args", "volumes", "gpus")
     @classmethod
@@ -147,6 +161,33 @@ class ModelSpec(_Strict):
     @property
     def tensor_parallel_size(self) -> int:
         return max(1, len(self.gpus))
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """A remote model's replica URLs (empty for a managed model)."""
+        if self.url is None:
+            return ()
+        return (self.url,) if isinstance(self.url, str) else self.url
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.max_replicas is not None
+
+    @property
+    def replica_slots(self) -> int:
+        """How many replicas the model may ever have (ports and planner budget)."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
+
+    @property
+    def initial_replicas(self) -> int:
+        """Replicas started by `fleet up`."""
+        if self.autoscaled:
+            return max(1, self.min_replicas if self.min_replicas is not None else 1)
+        return self.replicas
+
+    def replica_port(self, index: int) -> int:
+        assert self.port is not None
+        return self.port + index
 
 
 class Registry(_Strict):
@@ -211,17 +252,30 @@ def service_name(model_name: str) -> str:
     return f"vllm-{model_name}"
 
 
+def replica_service_name(model_name: str, index: int) -> str:
+    """Replica 0 is the model's service; replica i > 0 is `vllm-<name>-r<i>`."""
+    return service_name(model_name) if index == 0 else f"{service_name(model_name)}-r{index}"
+
+
 def upstream_base_url(registry: Registry, model: ModelSpec, upstream_host: str = "127.0.0.1") -> str:
-    """Where the gateway reaches `model`.
+    """Where the gateway reaches `model` (its first replica).
 
     `upstream_host` is the host for managed models: `127.0.0.1` when the gateway runs on the
     host, or the special value `service` inside compose, where each model is reached by its
     service name.
     """
+    return replica_urls(registry, model, upstream_host)[0]
+
+
+def replica_urls(registry: Registry, model: ModelSpec, upstream_host: str = "127.0.0.1") -> list[str]:
+    """Every replica's base URL, in replica order (all `replica_slots` of a managed model)."""
     if model.url is not None:
-        return model.url.rstrip("/")
-    host = service_name(model.name) if upstream_host == "service" else upstream_host
-    return f"http://{host}:{model.port}"
+        return [u.rstrip("/") for u in model.urls]
+    out = []
+    for i in range(model.replica_slots):
+        host = replica_service_name(model.name, i) if upstream_host == "service" else upstream_host
+        out.append(f"http://{host}:{model.replica_port(i)}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,6 +393,22 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _replica_checks(where: str, m: ModelSpec) -> list[str]:
+    problems = []
+    scaling = (m.min_replicas, m.max_replicas, m.target_ongoing_requests)
+    if any(v is not None for v in scaling):
+        if m.max_replicas is None or m.target_ongoing_requests is None:
+            problems.append(f"{where}: autoscaling needs both 'max_replicas' and "
+                            f"'target_ongoing_requests' (min_replicas defaults to 1)")
+        elif m.replicas != 1:
+            problems.append(f"{where}: field 'replicas': set either 'replicas' (fixed) or "
+                            f"'min_replicas'/'max_replicas' (autoscaled), not both")
+        elif (m.min_replicas or 0) > m.max_replicas:
+            problems.append(f"{where}: field 'min_replicas': {m.min_replicas} is above "
+                            f"max_replicas {m.max_replicas}")
+    return problems
+
+
 def _cross_checks(models: Mapping[str, ModelSpec], host: Host, defaults: Defaults) -> list[str]:
     problems: list[str] = []
     ports: dict[tuple[str, int], str] = {}
@@ -351,14 +421,23 @@ def _cross_checks(models: Mapping[str, ModelSpec], host: Host, defaults: Default
                             f"HF repo id or a path under models_dir) or 'url' (an already "
                             f"running server to route to)")
         if m.url is not None:
-            if not re.match(r"^https?://[^/\s]+", m.url):
-                problems.append(f"{where}: field 'url': must start with http:// or https:// "
-                                f"(got {m.url!r})")
+            if not m.urls:
+                problems.append(f"{where}: field 'url': the list is empty; give at least one URL")
+            for u in m.urls:
+                if not re.match(r"^https?://[^/\s]+", u):
+                    problems.append(f"{where}: field 'url': must start with http:// or https:// "
+                                    f"(got {u!r})")
+            if len(set(m.urls)) != len(m.urls):
+                problems.append(f"{where}: field 'url': lists a URL more than once")
             managed_only = [f for f in ("port", "image", "max_model_len", "cpus", "shm_size",
                                         "health_timeout", "gpu_memory_utilization", "ipc_host",
                                         "host_ip")
                             if getattr(m, f) is not None]
             managed_only += [f for f in ("gpus", "args", "env", "volumes") if getattr(m, f)]
+            managed_only += [f for f in ("min_replicas", "max_replicas", "target_ongoing_requests",
+                                         "ttl") if getattr(m, f) is not None]
+            if m.replicas != 1:
+                managed_only.append("replicas (list the replicas' URLs in 'url' instead)")
             managed_only += [f for f in ("dedicated", "sleep_mode") if getattr(m, f)]
             if managed_only:
                 problems.append(f"{where}: field(s) {', '.join(managed_only)} only apply to "
@@ -372,12 +451,18 @@ def _cross_checks(models: Mapping[str, ModelSpec], host: Host, defaults: Default
                 problems.append(f"{where}: field 'port' is required for a managed model; pick "
                                 f"a free port, e.g. 8001")
             else:
-                key = (m.host_ip or defaults.host_ip, m.port)
-                if key in ports:
-                    problems.append(f"{where}: field 'port': {m.port} is already used by model "
-                                    f"{ports[key]!r}; give each model its own port")
-                else:
-                    ports[key] = name
+                for i in range(m.replica_slots):
+                    key = (m.host_ip or defaults.host_ip, m.replica_port(i))
+                    what = "port" if i == 0 else f"replica {i}'s port (port + {i})"
+                    if key[1] > 65535:
+                        problems.append(f"{where}: field 'port': {what} {key[1]} is above 65535")
+                    elif key in ports:
+                        problems.append(f"{where}: field 'port': {what} {key[1]} is already used "
+                                        f"by model {ports[key]!r}; give each model its own port "
+                                        f"(replicas use port, port+1, ...)")
+                    else:
+                        ports[key] = name
+            problems.extend(_replica_checks(where, m))
             for gpu in m.gpus:
                 if gpu_ids and gpu not in gpu_ids:
                     problems.append(f"{where}: field 'gpus': GPU {gpu} is not in [host].gpus "

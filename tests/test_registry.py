@@ -11,6 +11,7 @@ from fleet.registry import (
     load_registry,
     parse_registry,
     registry_path,
+    replica_urls,
     service_name,
     upstream_base_url,
 )
@@ -113,8 +114,8 @@ def test_fraction_outside_range() -> None:
 
 def test_duplicate_port_names_both_models() -> None:
     found = problems(GOOD.replace("port = 8002", "port = 8001"))
-    assert found == ["model 'big': field 'port': 8001 is already used by model 'qwen-7b'; give "
-                     "each model its own port"]
+    assert found == ["model 'big': field 'port': port 8001 is already used by model 'qwen-7b'; "
+                     "give each model its own port (replicas use port, port+1, ...)"]
 
 
 def test_alias_clash_with_another_name_or_alias() -> None:
@@ -183,3 +184,40 @@ def test_json_registry(tmp_path: Path) -> None:
     path = tmp_path / "models.json"
     path.write_text('{"models": {"a": {"url": "http://127.0.0.1:1"}}}')
     assert load_registry(path).models["a"].url == "http://127.0.0.1:1"
+
+
+def test_replicas_take_consecutive_ports() -> None:
+    reg = parse_registry(GOOD.replace("port = 8001", "port = 8001\nreplicas = 3")
+                         .replace("port = 8002", "port = 8004"))
+    qwen = reg.models["qwen-7b"]
+    assert (qwen.replica_slots, qwen.initial_replicas) == (3, 3)
+    assert replica_urls(reg, qwen) == ["http://127.0.0.1:8001", "http://127.0.0.1:8002",
+                                       "http://127.0.0.1:8003"]
+    assert replica_urls(reg, qwen, "service") == ["http://vllm-qwen-7b:8001",
+                                                  "http://vllm-qwen-7b-r1:8002",
+                                                  "http://vllm-qwen-7b-r2:8003"]
+    clash = problems(GOOD.replace("port = 8001", "port = 8001\nreplicas = 2"))
+    assert clash == ["model 'big': field 'port': port 8002 is already used by model 'qwen-7b'; "
+                     "give each model its own port (replicas use port, port+1, ...)"]
+
+
+def test_autoscaling_fields() -> None:
+    text = GOOD.replace("port = 8002", "port = 8005").replace(
+        "port = 8001", "port = 8001\nmin_replicas = 0\nmax_replicas = 3\ntarget_ongoing_requests = 4")
+    qwen = parse_registry(text).models["qwen-7b"]
+    assert qwen.autoscaled and (qwen.replica_slots, qwen.initial_replicas) == (3, 1)
+    half = problems(GOOD.replace("port = 8001", "port = 8001\nmax_replicas = 3"))
+    assert any("needs both 'max_replicas' and 'target_ongoing_requests'" in p for p in half)
+    both = problems(text.replace("min_replicas = 0", "replicas = 2"))
+    assert any("either 'replicas' (fixed) or 'min_replicas'" in p for p in both)
+
+
+def test_remote_replicas_as_a_url_list() -> None:
+    reg = parse_registry(GOOD.replace('url = "http://127.0.0.1:18001/"',
+                                      'url = ["http://127.0.0.1:18001/", "http://127.0.0.1:18002"]'))
+    assert replica_urls(reg, reg.models["remote"]) == ["http://127.0.0.1:18001",
+                                                       "http://127.0.0.1:18002"]
+    assert any("more than once" in p for p in problems(GOOD.replace(
+        'url = "http://127.0.0.1:18001/"', 'url = ["http://a:1", "http://a:1"]')))
+    assert any("replicas" in p for p in problems(GOOD.replace(
+        'served_model_name = "tiny"', 'served_model_name = "tiny"\nreplicas = 2')))
