@@ -110,8 +110,6 @@ class Engine(Protocol):
 
     def follow_logs(self, container: str, tail: int = 50) -> Iterator[str]: ...
 
-    def gpu_runtime_available(self) -> bool: ...
-
 
 # ---------------------------------------------------------------------------------------
 # Docker
@@ -476,6 +474,8 @@ class DockerEngine:
                     since = time.time()
 
     def gpu_runtime_available(self) -> bool:
+        """Whether `docker info` lists an `nvidia` runtime (a hint: the toolkit's hook can
+        serve GPU requests without it; the start error is the authority)."""
         with self._mapped("info"):
             runtimes = self.client.info().get("Runtimes") or {}
         return "nvidia" in runtimes

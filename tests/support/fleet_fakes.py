@@ -200,9 +200,6 @@ class FakeEngine:
         self._check()
         yield from self._get(container).log[-tail:]
 
-    def gpu_runtime_available(self) -> bool:
-        return False
-
 
 class FakeProbe:
     def __init__(self, world: FakeWorld) -> None:
