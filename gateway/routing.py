@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleet.registry import Registry, upstream_base_url
+from fleet.registry import Registry, replica_urls
 
 
 @dataclass(frozen=True, slots=True)
@@ -12,7 +12,8 @@ class Route:
     """Where requests for one registry model go."""
 
     model: str                    # the registry name
-    base_url: str                 # e.g. http://127.0.0.1:8001
+    base_url: str                 # the first replica, e.g. http://127.0.0.1:8001
+    replicas: tuple[str, ...]     # every replica's base URL
     upstream_model: str           # the `model` value the upstream expects
     served_names: frozenset[str]  # names the upstream answers to (no body rewrite needed)
     managed: bool
@@ -25,9 +26,11 @@ class RoutingTable:
         self.registry = registry
         self.routes: dict[str, Route] = {}
         for name, spec in registry.models.items():
+            urls = tuple(replica_urls(registry, spec, upstream_host))
             self.routes[name] = Route(
                 model=name,
-                base_url=upstream_base_url(registry, spec, upstream_host),
+                base_url=urls[0],
+                replicas=urls,
                 upstream_model=spec.upstream_model,
                 served_names=frozenset(spec.served_names),
                 managed=spec.managed,
@@ -44,4 +47,4 @@ class RoutingTable:
         return list(self._by_name)
 
     def base_urls(self) -> set[str]:
-        return {route.base_url for route in self.routes.values()}
+        return {url for route in self.routes.values() for url in route.replicas}

@@ -33,3 +33,8 @@ class GatewaySettings(BaseSettings):
     retry_after: int = Field(default=5, ge=1, description="Retry-After seconds on 503")
     log_level: str = "info"
     access_log: bool = False
+    # On-demand activation through the fleet (managed models only), idle ttl, replica probes.
+    activation: bool = Field(default=True, description="wake/start models on demand via the fleet")
+    activation_timeout: float = Field(default=600.0, gt=0, description="max wait for a model")
+    idle_check_interval: float = Field(default=5.0, gt=0, description="idle ttl check period")
+    probe_interval: float = Field(default=2.0, gt=0, description="re-probe ejected replicas")
