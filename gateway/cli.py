@@ -6,8 +6,11 @@ import argparse
 import logging
 import sys
 
-from fleet.registry import RegistryError, load_registry
-from gateway.app import create_app
+from collections.abc import Callable
+
+from fleet.registry import Registry, RegistryError, load_registry
+from gateway.activation import FleetPort
+from gateway.app import FleetFactory, create_app
 from gateway.settings import GatewaySettings
 
 
@@ -34,13 +37,26 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(registry, settings)
+    app = create_app(registry, settings, fleet_factory=_fleet_factory(registry, settings))
     print(f"gateway: serving {len(registry.models)} model(s) from {registry.source} on "
           f"http://{settings.host}:{settings.port}", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.access_log, loop="auto", http="auto",
                 timeout_graceful_shutdown=30)
     return 0
+
+
+def _fleet_factory(registry: Registry, settings: GatewaySettings) -> FleetFactory | None:
+    """On-demand activation through the fleet's Python API, for registries with managed models."""
+    if not settings.activation or not any(m.managed for m in registry.models.values()):
+        return None
+
+    def factory(busy: Callable[[str], bool], last_used: Callable[[str], float]) -> FleetPort:
+        from fleet.api import open_fleet  # Docker is reached lazily, on the first activation
+
+        return open_fleet(registry, busy=busy, last_used=last_used)
+
+    return factory
 
 
 if __name__ == "__main__":  # pragma: no cover
