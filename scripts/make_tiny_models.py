@@ -169,6 +169,9 @@ def build_model(name: str, spec: TinySpec, out: Path) -> None:
     _quiet()
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     tokenizer = build_tokenizer()
     vocab = len(tokenizer)
