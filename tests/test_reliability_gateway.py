@@ -1,0 +1,238 @@
+"""Gateway reliability over real loopback sockets: `python -m gateway` in front of simulators.
+
+- an upstream killed mid-stream: the client's stream ends at once with an error the official
+  `openai` client raises, and the other models keep being served;
+- 200 streaming clients disconnecting mid-stream, three rounds: every upstream request is
+  aborted, and the gateway's file descriptors and RSS come back to their baseline;
+- a client that stops reading a long stream: fast clients are served at normal speed, flow
+  control reaches the upstream (its generation stalls) so the gateway does not buffer, and
+  the stalled stream's upstream is aborted when that client goes away.
+
+Every wait is a poll with a deadline; the gauges measured are printed (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from support.reliability import (
+    metric, open_fds, registry_for, rss_kib, sim_requests, wait_for,
+)
+
+pytestmark = pytest.mark.gateway
+
+MSG = [{"role": "user", "content": "Hello there"}]
+
+
+# -- upstream killed mid-stream -------------------------------------------------------------------
+def test_upstream_killed_mid_stream_ends_the_stream_with_an_openai_error(
+        sim_factory, gateway_factory) -> None:
+    doomed = sim_factory(served_names=("doomed",), itl_ms=50)
+    other = sim_factory(served_names=("other",))
+    gw = gateway_factory(registry_for(d=doomed, o=other))
+    client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key="x", max_retries=0, timeout=10)
+
+    stream = client.chat.completions.create(model="d", messages=MSG, max_tokens=1000, stream=True)
+    received = 0
+    killed_at = 0.0
+    with pytest.raises(openai.APIError) as info:
+        for _ in stream:
+            received += 1
+            if received == 3:  # mid-stream: the role chunk and two tokens arrived
+                doomed.process.kill()
+                doomed.process.wait(timeout=5)
+                killed_at = time.monotonic()
+    ended_after = time.monotonic() - killed_at
+    print(f"\nstream ended {ended_after * 1000:.0f} ms after SIGKILL, {received} chunks received")
+    assert killed_at, "the stream ended before the upstream was killed"
+    assert ended_after < 1.0
+    # The gateway's error event, not a dropped connection (that would be an httpx error).
+    assert type(info.value) is openai.APIError, repr(info.value)
+    assert info.value.body["code"] == 502 and "`d`" in info.value.message, info.value.body
+    assert received < 1000
+
+    # The gateway keeps serving the other model, streamed and not, and says the dead one is.
+    assert client.chat.completions.create(model="o", messages=MSG, max_tokens=3).choices
+    chunks = list(client.chat.completions.create(model="o", messages=MSG, max_tokens=3,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    with pytest.raises(openai.APIStatusError) as dead:
+        client.chat.completions.create(model="d", messages=MSG, max_tokens=3)
+    assert dead.value.status_code == 502
+
+
+# -- many clients disconnecting mid-stream ----------------------------------------------------------
+CLIENTS = 200
+ROUNDS = 3
+FD_TOLERANCE = 2          # idle keep-alive connections to the upstream may come and go
+RSS_TOLERANCE_KIB = 8 * 1024  # after a warm-up round at full size (allocator high-water)
+
+
+def _stream_request(model: str, max_tokens: int) -> bytes:
+    body = (b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"max_tokens":%d,'
+            b'"stream":true}' % (model.encode(), max_tokens))
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json"
+            b"\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
+
+
+async def _open_streams(port: int, count: int, request: bytes) -> list[asyncio.StreamWriter]:
+    """`count` concurrent streams, each returned once its first event arrived."""
+
+    async def one() -> asyncio.StreamWriter:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        seen = b""
+        while b"\ndata: {" not in seen:
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise AssertionError(f"stream closed before its first event: {seen[:300]!r}")
+            seen += chunk
+        assert seen.startswith(b"HTTP/1.1 200 "), seen[:300]
+        return writer
+
+    return list(await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), 20))
+
+
+async def _disconnect(writers: list[asyncio.StreamWriter]) -> None:
+    for writer in writers:
+        writer.close()
+    await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+
+
+def _round(port: int, sim: Any, count: int, max_tokens: int) -> float:
+    """Open `count` streams, drop them all mid-stream, wait for every upstream abort."""
+    started = time.time()
+    with asyncio.Runner() as runner:  # one loop owns the sockets from open to close
+        writers = runner.run(_open_streams(port, count, _stream_request("s", max_tokens)))
+        assert sim_requests(sim.base_url)["running"] == count  # all of them mid-stream
+        runner.run(_disconnect(writers))
+    closed = time.monotonic()
+
+    def this_round() -> list[dict[str, Any]]:
+        return [r for r in sim_requests(sim.base_url)["requests"] if r["arrival"] >= started]
+
+    def outcomes() -> dict[str | None, int]:
+        return dict(Counter(r["outcome"] for r in this_round()))
+
+    wait_for(outcomes, 5, f"all {count} upstream requests finished (outcome: count)",
+             ok=lambda c: sum(c.values()) == count and None not in c)
+    records = this_round()
+    abort_s = time.monotonic() - closed
+    not_aborted = [r for r in records if r["outcome"] != "aborted"
+                   or r["abort_reason"] != "client_disconnect"]
+    assert not not_aborted, not_aborted[:3]
+    assert max(r["completion_tokens"] for r in records) < max_tokens
+    assert sim_requests(sim.base_url)["running"] == 0
+    assert metric(sim.base_url, "vllm:num_requests_running") == 0
+    return abort_s
+
+
+def test_200_clients_disconnecting_mid_stream_abort_all_upstreams_and_leak_nothing(
+        sim_factory, gateway_factory) -> None:
+    max_tokens = 1000  # 300 s of generation each at 300 ms per token: only an abort ends them
+    sim = sim_factory(served_names=("s",), itl_ms=300, max_model_len=4096)
+    gw = gateway_factory(registry_for(s=sim))
+    pid = gw.process.pid
+
+    _round(gw.port, sim, CLIENTS, max_tokens)  # warm-up: imports, pools, allocator arenas
+    base_fds, base_rss = open_fds(pid), rss_kib(pid)
+    print(f"\nbaseline: {base_fds} fds, RSS {base_rss / 1024:.1f} MiB")
+    for n in range(1, ROUNDS + 1):
+        t0 = time.monotonic()
+        abort_s = _round(gw.port, sim, CLIENTS, max_tokens)
+        fds = wait_for(lambda: open_fds(pid), 5, "gateway fds back to baseline",
+                       ok=lambda v: abs(v - base_fds) <= FD_TOLERANCE)
+        rss = rss_kib(pid)
+        took = time.monotonic() - t0
+        print(f"round {n}: {CLIENTS} streams opened and dropped, all upstreams aborted "
+              f"{abort_s * 1000:.0f} ms after the drop; {fds} fds ({fds - base_fds:+d}), "
+              f"RSS {rss / 1024:.1f} MiB ({(rss - base_rss) / 1024:+.1f}); round {took:.1f} s")
+        assert rss - base_rss <= RSS_TOLERANCE_KIB, (rss, base_rss)
+        assert took < 10, f"round {n} took {took:.1f} s"
+    assert gw.process.poll() is None
+
+
+# -- a client that stops reading ----------------------------------------------------------------
+TOKEN_BYTES = 64 * 1024  # each token chunk is about 64 KiB: buffers fill within a second
+RSS_GROWTH_LIMIT_KIB = 6 * 1024
+
+
+def _fast_request_seconds(base_url: str, count: int) -> list[float]:
+    took = []
+    body = {"model": "s", "messages": MSG, "max_tokens": 8, "stream": True}
+    with httpx.Client(timeout=10) as client:
+        for _ in range(count):
+            t0 = time.monotonic()
+            with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200
+                data = b"".join(resp.iter_raw())
+            assert data.endswith(b"data: [DONE]\n\n")
+            took.append(time.monotonic() - t0)
+    return took
+
+
+def test_slow_reader_does_not_block_others_nor_grow_gateway_memory(
+        sim_factory, gateway_factory) -> None:
+    sim = sim_factory(served_names=("s",), itl_ms=1, max_model_len=1_000_000,
+                      env={"VLLM_SIM_OUTPUT_TOKEN": "x" * TOKEN_BYTES})
+    gw = gateway_factory(registry_for(s=sim))
+    pid = gw.process.pid
+    before = _fast_request_seconds(gw.base_url, 10)
+    base_rss = rss_kib(pid)
+
+    slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    try:
+        slow.connect(("127.0.0.1", gw.port))
+        slow.sendall(_stream_request("s", 900_000))  # about 57 GiB if nothing held it back
+        record = wait_for(lambda: [r for r in sim_requests(sim.base_url)["requests"]
+                                   if r["max_tokens"] == 900_000], 5, "slow stream admitted")[0]
+        rid = record["id"]
+
+        def tokens() -> tuple[str, int]:
+            rec = next(r for r in sim_requests(sim.base_url)["requests"] if r["id"] == rid)
+            return rec["state"], rec["completion_tokens"]
+
+        # Flow control reaches the upstream: its generation stops while the request runs.
+        samples: list[tuple[str, int]] = [tokens()]
+
+        def stalled() -> bool:
+            time.sleep(0.3)  # sampling period of the generation rate
+            samples.append(tokens())
+            return samples[-1][0] == "running" and samples[-1][1] == samples[-2][1] > 0
+
+        wait_for(stalled, 15, "upstream generation stalled", interval=0)
+        growth = [rss_kib(pid) - base_rss]
+        during = _fast_request_seconds(gw.base_url, 10)
+        growth.append(rss_kib(pid) - base_rss)
+        state, stalled_at = tokens()
+        growth.append(rss_kib(pid) - base_rss)
+        print(f"\nslow stream stalled at {stalled_at} tokens (~{stalled_at * TOKEN_BYTES >> 20} MiB"
+              f" in kernel buffers) and stays there ({state}); gateway RSS growth "
+              f"{max(growth) / 1024:+.1f} MiB; fast streams median "
+              f"{statistics.median(before) * 1000:.0f} ms before, "
+              f"{statistics.median(during) * 1000:.0f} ms while it stalls")
+        assert state == "running" and stalled_at == samples[-1][1], (state, stalled_at, samples)
+        assert stalled_at < 900_000
+        assert max(growth) <= RSS_GROWTH_LIMIT_KIB, growth
+        assert max(during) < 2.0, during
+        assert statistics.median(during) <= 3 * statistics.median(before) + 0.05, (before, during)
+    finally:
+        slow.close()
+    closed = time.monotonic()
+    wait_for(tokens, 2, "slow stream's upstream aborted",
+             ok=lambda s: s[0] == "finished")
+    rec = next(r for r in sim_requests(sim.base_url)["requests"] if r["id"] == rid)
+    print(f"upstream aborted {(time.monotonic() - closed) * 1000:.0f} ms after the slow client left")
+    assert rec["outcome"] == "aborted" and rec["abort_reason"] == "client_disconnect", rec
+    assert sim_requests(sim.base_url)["running"] == 0
