@@ -1,7 +1,9 @@
 """compose.yaml rendered from the registry: a derived view, never edited by hand.
 
-Pure: registry in, YAML text out. Each managed model becomes one service made from the same
-`ContainerSpec` the fleet uses (`fleet_specs`), so compose and `fleet` agree on the
+Pure: registry in, YAML text out. Each replica slot of each managed model becomes one service
+(`replica_service_name`: `vllm-<name>` for replica 0, `vllm-<name>-r<i>` for replica i) made
+from the same `ContainerSpec` the fleet uses (`replica_specs`), so compose and `fleet` agree on
+the
 container name, labels (spec hash included), command, ports, GPUs, volumes, IPC/shm, health
 check and cpuset; the fleet therefore adopts containers made by `docker compose up`.
 Differences from `docker_run_kwargs`, by design:
@@ -13,6 +15,9 @@ Differences from `docker_run_kwargs`, by design:
   latter against the directory of compose.yaml, which sits beside models.toml).
 - Models with `autostart = false` get `profiles: [on-demand]`: `docker compose up` leaves
   them to `fleet switch`.
+- Replicas beyond a model's `initial_replicas` (the autoscaling slots up to `max_replicas`)
+  get `profiles: [autoscale]`: `docker compose up` starts what `fleet up` starts, and the
+  fleet (`fleet scale`) brings the other slots up when asked.
 
 A `gateway` service (built from docker/gateway.Dockerfile) publishes 127.0.0.1:8000, reads
 the registry mounted read-only, reaches each model by its service name, and waits for the
@@ -26,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from fleet.planner import fleet_specs, gateway_cpuset
-from fleet.registry import REGISTRY_ENV, Registry, service_name
+from fleet.planner import gateway_cpuset, replica_specs
+from fleet.registry import REGISTRY_ENV, Registry, replica_service_name
 from fleet.spec import ContainerSpec, device_requests, is_named_volume
 
 GATEWAY_SERVICE = "gateway"
@@ -36,6 +41,7 @@ GATEWAY_DOCKERFILE = "docker/gateway.Dockerfile"
 GATEWAY_PORT = 8000
 GATEWAY_REGISTRY_PATH = "/etc/vllm-fleet/models.toml"
 ON_DEMAND_PROFILE = "on-demand"
+AUTOSCALE_PROFILE = "autoscale"
 
 
 def render_compose(
@@ -51,17 +57,23 @@ def render_compose(
     gateway); `project` is the compose project name; `name_prefix` the container-name prefix
     (default: the project name), which the fleet must share to adopt the containers.
     """
-    specs = fleet_specs(registry, name_prefix=name_prefix or project)
+    specs = replica_specs(registry, name_prefix=name_prefix or project)
     services: dict[str, Any] = {}
     named_volumes: list[str] = []
-    for name, spec in specs.items():
+    autostart: list[str] = []
+    for name, replicas in specs.items():
         model = registry.models[name]
-        service = _model_service(spec)
-        if not model.autostart:
-            service["profiles"] = [ON_DEMAND_PROFILE]
-        services[service_name(name)] = service
-        named_volumes += [h for h in spec.volumes if is_named_volume(h)]
-    autostart = [service_name(n) for n in specs if registry.models[n].autostart]
+        for spec in replicas:
+            service = _model_service(spec)
+            service_id = replica_service_name(name, spec.replica)
+            if spec.replica >= model.initial_replicas:
+                service["profiles"] = [AUTOSCALE_PROFILE]
+            elif not model.autostart:
+                service["profiles"] = [ON_DEMAND_PROFILE]
+            else:
+                autostart.append(service_id)
+            services[service_id] = service
+            named_volumes += [h for h in spec.volumes if is_named_volume(h)]
     services[GATEWAY_SERVICE] = _gateway_service(registry, registry_path_in_repo, autostart)
 
     document: dict[str, Any] = {"name": project, "services": services}

@@ -18,6 +18,12 @@ The rules (what `check_placement` enforces for a set of *awake* models):
   and the cpusets `assign_cpusets` gives them do not overlap. A model without `cpus` is not
   pinned and not budgeted.
 
+Replicas: every replica is a vLLM server of its own, with the model's GPUs and fraction, so
+2 awake replicas at 0.3 on GPU 0 take 0.6 of it, and each replica has its own `cpus` cores.
+The awake set is therefore a set of replicas: `check_placement` takes model names (each
+counted with its `initial_replicas`, what `fleet up` starts) or a mapping of model name to a
+replica count (replicas 0..n-1) or to the replica indices that are awake.
+
 "Awake" means running, healthy, loading or drifted (a drifted container may be running and
 holding memory). A sleeping model counts 0 against the GPU budget: vLLM's sleep level 1
 moves the weights to CPU RAM and frees the GPU memory of weights and KV cache. It still
@@ -32,10 +38,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from fleet.registry import ModelSpec, Registry
 from fleet.spec import DEFAULT_NAME_PREFIX, ContainerSpec, SpecError, container_spec
+
+# What may be awake: names (each with its initial replicas), or name -> count / indices.
+AwakeSet: TypeAlias = Collection[str] | Mapping[str, int | Collection[int]]
 
 AWAKE_STATES = frozenset({"running", "healthy", "loading", "drifted"})
 READY_STATES = frozenset({"running", "healthy", "loading"})
@@ -56,15 +65,39 @@ class Violation:
 class ObservedModel:
     """What the engine saw of one model.
 
-    state: running | healthy | loading | sleeping | stopped | absent | drifted.
-    busy: it has requests in flight. last_used: seconds (any monotonic-enough clock, the
-    same for every model) of its last request; 0 = never.
+    state: running | healthy | loading | sleeping | stopped | absent | drifted (for a model
+    with replicas, `model_state` of its replicas' states). busy: it has requests in flight.
+    last_used: seconds (any monotonic-enough clock, the same for every model) of its last
+    request; 0 = never. replicas: the indices of its awake replicas; None means replica 0
+    alone when `state` is awake, none otherwise.
     """
 
     name: str
     state: str
     busy: bool = False
     last_used: float = 0.0
+    replicas: tuple[int, ...] | None = None
+
+    @property
+    def awake_replicas(self) -> tuple[int, ...]:
+        if self.replicas is not None:
+            return tuple(sorted(set(self.replicas)))
+        return (0,) if self.state in AWAKE_STATES else ()
+
+
+def model_state(replica_states: Sequence[str]) -> str:
+    """One word for a model from its replicas' states (the replicas that matter: those that
+    should be up). All ready: the least ready of them (loading, then running, then healthy);
+    otherwise drifted, sleeping, stopped, absent, the first present in that order."""
+    states = list(replica_states)
+    if not states:
+        return "absent"
+    if all(s in READY_STATES for s in states):
+        return next(s for s in ("loading", "running", "healthy") if s in states)
+    for s in ("drifted", "sleeping", "stopped"):
+        if s in states:
+            return s
+    return "absent"
 
 
 @dataclass(frozen=True)
@@ -93,30 +126,48 @@ class SwitchPlan:
 # ---------------------------------------------------------------------------------------
 
 
-def check_placement(registry: Registry, awake: Collection[str]) -> list[Violation]:
-    """Every rule broken when the managed models `awake` are awake together.
+def check_placement(registry: Registry, awake: AwakeSet) -> list[Violation]:
+    """Every rule broken when the replicas `awake` are awake together.
 
-    Names not in the registry are reported (unknown-model); remote models are ignored.
+    `awake`: model names (each counted with its `initial_replicas`), or a mapping of model
+    name to a replica count (replicas 0..n-1) or to awake replica indices. Names not in the
+    registry are reported (unknown-model); remote models are ignored.
     """
     violations: list[Violation] = []
-    models: list[ModelSpec] = []
-    for name in _unique(awake):
+    units: list[tuple[ModelSpec, tuple[int, ...]]] = []
+    for name, indices in _normalize(registry, awake).items():
         model = registry.models.get(name)
         if model is None:
             violations.append(Violation("unknown-model", f"{name!r} is not a model of the "
                                         f"registry ({registry.source})"))
-        elif model.managed:
-            models.append(model)
-    violations += _gpu_violations(registry, models)
-    violations += _cpu_violations(registry, models)
+        elif model.managed and indices:
+            units.append((model, indices))
+    violations += _gpu_violations(registry, units)
+    violations += _cpu_violations(registry, units)
     return violations
 
 
-def _gpu_violations(registry: Registry, models: Sequence[ModelSpec]) -> list[Violation]:
+def _normalize(registry: Registry, awake: AwakeSet) -> dict[str, tuple[int, ...]]:
+    if isinstance(awake, Mapping):
+        out: dict[str, tuple[int, ...]] = {}
+        for name, value in awake.items():
+            out[name] = tuple(range(value)) if isinstance(value, int) else \
+                tuple(sorted(set(value)))
+        return out
+    return {name: tuple(range(m.initial_replicas)) if (m := registry.models.get(name)) else (0,)
+            for name in _unique(awake)}
+
+
+def _count_text(m: ModelSpec, n: int, value: str) -> str:
+    return f"{m.name} {value}" if n == 1 else f"{m.name} {n}x{value}"
+
+
+def _gpu_violations(registry: Registry,
+                    units: Sequence[tuple[ModelSpec, Sequence[int]]]) -> list[Violation]:
     out: list[Violation] = []
     declared = {g.id for g in registry.host.gpus}
-    users: dict[int, list[ModelSpec]] = {}
-    for m in models:
+    users: dict[int, list[tuple[ModelSpec, int]]] = {}
+    for m, indices in units:
         if len(set(m.gpus)) != len(m.gpus):
             out.append(Violation("tensor-parallel", f"model {m.name!r}: gpus {list(m.gpus)} "
                                  f"lists a GPU twice; tensor parallel needs distinct GPUs"))
@@ -125,63 +176,82 @@ def _gpu_violations(registry: Registry, models: Sequence[ModelSpec]) -> list[Vio
             out.append(Violation("unknown-gpu", f"model {m.name!r}: GPU(s) {unknown} not in "
                                  f"[host].gpus (declared: {sorted(declared)})"))
         for g in dict.fromkeys(m.gpus):
-            users.setdefault(g, []).append(m)
+            users.setdefault(g, []).append((m, len(indices)))
     ceiling = registry.host.gpu_memory_ceiling
     for gpu in sorted(users):
         on_gpu = users[gpu]
-        total = sum(registry.gpu_fraction(m) for m in on_gpu)
+        total = sum(registry.gpu_fraction(m) * n for m, n in on_gpu)
         if total > ceiling + 1e-9:
-            parts = " + ".join(f"{m.name} {registry.gpu_fraction(m):g}" for m in on_gpu)
+            parts = " + ".join(_count_text(m, n, f"{registry.gpu_fraction(m):g}")
+                               for m, n in on_gpu)
             out.append(Violation("gpu-overcommit", f"GPU {gpu}: {parts} = {total:.3g} > "
                                  f"gpu_memory_ceiling {ceiling:g}"))
-        dedicated = [m for m in on_gpu if m.dedicated]
-        if dedicated and len(on_gpu) > 1:
-            owner = dedicated[0]
-            others = ", ".join(m.name for m in on_gpu if m is not owner)
+        dedicated = [(m, n) for m, n in on_gpu if m.dedicated]
+        if dedicated and (len(on_gpu) > 1 or dedicated[0][1] > 1):
+            owner, count = dedicated[0]
+            others = [m.name for m, _ in on_gpu if m is not owner]
+            if count > 1:
+                others.append(f"{count - 1} more replica(s) of {owner.name}")
             out.append(Violation("dedicated-conflict", f"GPU {gpu}: {owner.name} is dedicated "
-                                 f"(owns GPU(s) {list(owner.gpus)}) but {others} would "
-                                 f"share it"))
+                                 f"(owns GPU(s) {list(owner.gpus)}) but {', '.join(others)} "
+                                 f"would share it"))
     return out
 
 
-def _cpu_violations(registry: Registry, models: Sequence[ModelSpec]) -> list[Violation]:
+def _cpu_violations(registry: Registry,
+                    units: Sequence[tuple[ModelSpec, Sequence[int]]]) -> list[Violation]:
     host_cpus = registry.host.cpus
     if host_cpus is None:
         return []
-    budgeted = [m for m in models if registry.cpus(m)]
-    need = sum(registry.cpus(m) or 0 for m in budgeted) + registry.host.gateway_cpus
+    budgeted = [(m, idx) for m, idx in units if registry.cpus(m)]
+    need = sum((registry.cpus(m) or 0) * len(idx) for m, idx in budgeted) + \
+        registry.host.gateway_cpus
     if need > host_cpus:
-        parts = " + ".join(f"{m.name} {registry.cpus(m)}" for m in budgeted)
+        parts = " + ".join(_count_text(m, len(idx), str(registry.cpus(m))) for m, idx in budgeted)
         parts = f"{parts} + gateway {registry.host.gateway_cpus}" if parts else \
             f"gateway {registry.host.gateway_cpus}"
         return [Violation("cpu-oversubscribed", f"CPU: {parts} = {need} cores > [host].cpus "
                           f"{host_cpus}")]
-    # The budget fits; the cpusets (fixed per model, see assign_cpusets) must not collide.
+    # The budget fits; the cpusets (fixed per replica, see assign_cpusets) must not collide.
     cpusets = _core_sets(registry, registry.names())
     seen: dict[int, str] = {}
-    for m in budgeted:
-        for core in sorted(cpusets.get(m.name, ())):
-            if core in seen:
-                return [Violation("cpu-oversubscribed", f"CPU: {m.name} and {seen[core]} are "
-                                  f"both pinned to core {core} (the cores of models that can "
-                                  f"be awake together are fragmented); add cores or lower "
-                                  f"`cpus`")]
-            seen[core] = m.name
+    for m, indices in budgeted:
+        for i in indices:
+            who = _unit_text(m, i)
+            for core in sorted(cpusets.get((m.name, i), ())):
+                if core in seen:
+                    return [Violation("cpu-oversubscribed", f"CPU: {who} and {seen[core]} are "
+                                      f"both pinned to core {core} (the cores of models that "
+                                      f"can be awake together are fragmented); add cores or "
+                                      f"lower `cpus`")]
+                seen[core] = who
     return []
 
 
+def _unit_text(m: ModelSpec, replica: int) -> str:
+    return m.name if m.replica_slots == 1 else f"{m.name} replica {replica}"
+
+
 def check_registry(registry: Registry, *, name_prefix: str = DEFAULT_NAME_PREFIX) -> list[Violation]:
-    """What `fleet check` prints: every model alone must fit, and all autostart models awake
-    together must fit; plus any model that cannot be turned into a container (kind spec)."""
+    """What `fleet check` prints: every model alone must fit with its initial replicas and
+    with all its replica slots (else they can never all be used), and all autostart models
+    awake together (initial replicas) must fit; plus any model that cannot be turned into a
+    container (kind spec)."""
     found: list[Violation] = []
     managed = [n for n, m in registry.models.items() if m.managed]
     for name in managed:
+        model = registry.models[name]
         try:
             container_spec(registry, name, name_prefix=name_prefix)
         except SpecError as exc:
             found.append(Violation("spec", str(exc)))
-        for v in check_placement(registry, [name]):
+        alone = check_placement(registry, [name])
+        for v in alone:
             found.append(Violation(v.kind, f"{name} alone: {v.message}"))
+        if not alone and model.replica_slots > model.initial_replicas:
+            for v in check_placement(registry, {name: model.replica_slots}):
+                found.append(Violation(v.kind, f"{name} alone with all {model.replica_slots} "
+                                       f"replicas (max_replicas): {v.message}"))
     autostart = [n for n in managed if registry.models[n].autostart]
     for v in check_placement(registry, autostart):
         found.append(Violation(v.kind, f"autostart models together ({', '.join(autostart)}): "
@@ -200,18 +270,22 @@ def plan_switch(
     target: str,
     *,
     force: bool = False,
+    replicas: Collection[int] | None = None,
 ) -> SwitchPlan:
     """Plan `fleet switch target`: the minimal set of awake models to evict so it fits.
 
     `target` may be a name or an alias; an unknown or remote target is a violation (not an
     exception), so callers report every refusal the same way. Models in `observed` that are
-    not managed models of the registry are ignored.
+    not managed models of the registry are ignored. `replicas`: the target's replica
+    indices that will be awake (default: 0..initial_replicas-1 plus those awake now); every
+    awake replica of every model counts against the budget.
 
     Minimal, precisely: among the sets of other awake models whose eviction lets the target
-    fit (check_placement passes for the remaining awake models plus the target), choose by
-    (1) fewest busy models (a busy model is only a candidate with `force`), then (2) fewest
-    models, then (3) least recently used: the set whose most recently used member is the
-    oldest wins, comparing the members' `last_used` from newest to oldest, then names.
+    fit (check_placement passes for the remaining awake replicas plus the target's), choose
+    by (1) fewest busy models (a busy model is only a candidate with `force`), then (2)
+    fewest models, then (3) least recently used: the set whose most recently used member is
+    the oldest wins, comparing the members' `last_used` from newest to oldest, then names.
+    A model is evicted whole (all its replicas).
 
     Each eviction is "sleep" for a `sleep_mode` model that is running/healthy, else "stop"
     (a loading or drifted container cannot be put to sleep). start_action: "none" when the
@@ -235,19 +309,23 @@ def plan_switch(
     if state in READY_STATES:
         return SwitchPlan(name, (), "none", ())
     start_action = "wake" if state == "sleeping" else "start"
+    if replicas is None:
+        now_awake = current.awake_replicas if current is not None else ()
+        replicas = {*range(model.initial_replicas), *now_awake}
+    wanted = tuple(sorted(set(replicas)))
 
     # The target alone must fit; otherwise no eviction helps.
-    alone = check_placement(registry, [name])
+    alone = check_placement(registry, {name: wanted})
     if alone:
         return SwitchPlan(name, (), start_action, tuple(alone))
 
     others = [o for o in _awake(registry, observed) if o.name != name]
     idle = [o for o in others if not o.busy]
     busy = [o for o in others if o.busy]
-    chosen = _minimal_eviction(registry, name, idle, busy)
+    chosen = _minimal_eviction(registry, name, wanted, idle, busy)
     if chosen is None:  # cannot happen when the target alone fits; kept as a guard
-        return SwitchPlan(name, (), start_action, tuple(
-            check_placement(registry, [name, *(o.name for o in others)])))
+        return SwitchPlan(name, (), start_action, tuple(check_placement(
+            registry, {**{o.name: o.awake_replicas for o in others}, name: wanted})))
     blocking = [o for o in chosen if o.busy]
     if blocking and not force:
         names = ", ".join(o.name for o in blocking)
@@ -265,20 +343,21 @@ def _awake(registry: Registry, observed: Mapping[str, ObservedModel]) -> list[Ob
     for key in sorted(observed):
         o = observed[key]
         m = registry.models.get(o.name)
-        if m is not None and m.managed and o.state in AWAKE_STATES:
+        if m is not None and m.managed and o.awake_replicas:
             out.append(o)
     return out
 
 
 def _minimal_eviction(
-    registry: Registry, target: str, idle: Sequence[ObservedModel], busy: Sequence[ObservedModel]
+    registry: Registry, target: str, wanted: tuple[int, ...],
+    idle: Sequence[ObservedModel], busy: Sequence[ObservedModel],
 ) -> tuple[ObservedModel, ...] | None:
     everyone = [*idle, *busy]
 
     def fits(evicted: Collection[ObservedModel]) -> bool:
         out = {o.name for o in evicted}
-        remaining = [o.name for o in everyone if o.name not in out]
-        return not check_placement(registry, [*remaining, target])
+        remaining = {o.name: o.awake_replicas for o in everyone if o.name not in out}
+        return not check_placement(registry, {**remaining, target: wanted})
 
     def lru_key(group: Sequence[ObservedModel]) -> tuple[tuple[float, ...], tuple[str, ...]]:
         newest_first = tuple(sorted((o.last_used for o in group), reverse=True))
@@ -336,19 +415,32 @@ def describe_plan(plan: SwitchPlan) -> str:
 
 
 def assign_cpusets(registry: Registry, models: Sequence[str]) -> dict[str, str]:
-    """A cpuset string (e.g. "2-9") for each of `models` that has a `cpus` budget.
+    """A cpuset string (e.g. "2-9") for replica 0 of each of `models` that has a `cpus`
+    budget (`assign_replica_cpusets` gives every replica's).
 
     Deterministic and independent of what is running, so a model's spec (and hash) does not
     change between switches: call it with every managed model (`registry.names()`), as
     `fleet_specs` does. Returns {} when `[host].cpus` is not declared (unknown cores: no
-    pinning). Cores 0..gateway_cpus-1 are kept for the gateway; models get the others, in
-    the order given, each the lowest-numbered cores not already given to a model that may
-    be awake beside it (models that exclude each other on a GPU may share cores). When no
-    such cores are left, the least-loaded cores are reused: check_placement reports that
-    as cpu-oversubscribed whenever such models are awake together.
+    pinning).
     """
-    return {name: _cpuset_string(cores)
-            for name, cores in _core_sets(registry, models).items()}
+    return {name: cpuset for (name, replica), cpuset in
+            assign_replica_cpusets(registry, models).items() if replica == 0}
+
+
+def assign_replica_cpusets(registry: Registry, models: Sequence[str]) -> dict[tuple[str, int], str]:
+    """A cpuset string for every replica slot (model, index) of `models` with a `cpus`
+    budget; {} when `[host].cpus` is not declared.
+
+    Cores 0..gateway_cpus-1 are kept for the gateway; replicas get the others, model by
+    model in the order given and replica by replica, each the lowest-numbered cores not
+    already given to a replica that may be awake beside it (replicas of models that exclude
+    each other on a GPU may share cores; a model's own replicas never do unless they cannot
+    be awake together). When no such cores are left, the least-loaded cores are reused:
+    check_placement reports that as cpu-oversubscribed whenever such replicas are awake
+    together.
+    """
+    return {unit: _cpuset_string(cores)
+            for unit, cores in _core_sets(registry, models).items()}
 
 
 def gateway_cpuset(registry: Registry) -> str | None:
@@ -359,37 +451,40 @@ def gateway_cpuset(registry: Registry) -> str | None:
     return _cpuset_string(range(min(keep, host_cpus)))
 
 
-def _core_sets(registry: Registry, models: Iterable[str]) -> dict[str, tuple[int, ...]]:
+def _core_sets(registry: Registry, models: Iterable[str]) -> dict[tuple[str, int], tuple[int, ...]]:
     host_cpus = registry.host.cpus
     if host_cpus is None:
         return {}
     pool = list(range(min(registry.host.gateway_cpus, host_cpus), host_cpus)) or \
         list(range(host_cpus))
-    assigned: dict[str, tuple[int, ...]] = {}
+    assigned: dict[tuple[str, int], tuple[int, ...]] = {}
     for name in _unique(models):
         m = registry.models[name]
         want = registry.cpus(m) if m.managed else None
         if not want:
             continue
-        taken = set()
-        for other, cores in assigned.items():
-            if not _gpu_exclusive(registry, m, registry.models[other]):
-                taken.update(cores)
-        free = [c for c in pool if c not in taken]
-        if len(free) >= want:
-            cores = free[:want]
-        else:
-            load = {c: sum(c in cs for cs in assigned.values()) for c in pool}
-            rest = sorted((c for c in pool if c not in free), key=lambda c: (load[c], c))
-            cores = sorted(free + rest[:want - len(free)])
-        assigned[name] = tuple(cores[:len(pool)])
+        for replica in range(m.replica_slots):
+            taken = set()
+            for (other, _), cores in assigned.items():
+                if not _gpu_exclusive(registry, m, registry.models[other]):
+                    taken.update(cores)
+            free = [c for c in pool if c not in taken]
+            if len(free) >= want:
+                cores = free[:want]
+            else:
+                load = {c: sum(c in cs for cs in assigned.values()) for c in pool}
+                rest = sorted((c for c in pool if c not in free), key=lambda c: (load[c], c))
+                cores = sorted(free + rest[:want - len(free)])
+            assigned[(name, replica)] = tuple(cores[:len(pool)])
     return assigned
 
 
 def _gpu_exclusive(registry: Registry, a: ModelSpec, b: ModelSpec) -> bool:
-    """True when a and b can never be awake together for GPU reasons."""
+    """True when a replica of a and one of b can never be awake together for GPU reasons
+    (a and b may be the same model: two of its replicas)."""
+    units = [(a, (0, 1))] if a.name == b.name else [(a, (0,)), (b, (0,))]
     return any(v.kind in ("gpu-overcommit", "dedicated-conflict")
-               for v in _gpu_violations(registry, [a, b]))
+               for v in _gpu_violations(registry, units))
 
 
 def _cpuset_string(cores: Sequence[int]) -> str:
@@ -400,13 +495,22 @@ def _cpuset_string(cores: Sequence[int]) -> str:
     return ",".join(ranges)
 
 
-def fleet_specs(registry: Registry, *, name_prefix: str = DEFAULT_NAME_PREFIX) -> dict[str, ContainerSpec]:
-    """The container spec of every managed model, pinned with `assign_cpusets` over all of
-    them: the one set of specs both the fleet and compose.yaml are made from."""
+def replica_specs(registry: Registry, *,
+                  name_prefix: str = DEFAULT_NAME_PREFIX) -> dict[str, tuple[ContainerSpec, ...]]:
+    """The container spec of every replica slot of every managed model, pinned with
+    `assign_replica_cpusets` over all of them: the one set of specs both the fleet and
+    compose.yaml are made from."""
     managed = [n for n, m in registry.models.items() if m.managed]
-    cpusets = assign_cpusets(registry, managed)
-    return {n: container_spec(registry, n, cpuset=cpusets.get(n), name_prefix=name_prefix)
+    cpusets = assign_replica_cpusets(registry, managed)
+    return {n: tuple(container_spec(registry, n, replica=i, cpuset=cpusets.get((n, i)),
+                                    name_prefix=name_prefix)
+                     for i in range(registry.models[n].replica_slots))
             for n in managed}
+
+
+def fleet_specs(registry: Registry, *, name_prefix: str = DEFAULT_NAME_PREFIX) -> dict[str, ContainerSpec]:
+    """Replica 0's container spec of every managed model (see `replica_specs`)."""
+    return {n: specs[0] for n, specs in replica_specs(registry, name_prefix=name_prefix).items()}
 
 
 def _unique(names: Iterable[str]) -> list[str]:

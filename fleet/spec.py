@@ -13,6 +13,10 @@ Rules worth knowing:
   `--max-model-len` (when set), `--tensor-parallel-size` (when more than one GPU),
   `--enable-sleep-mode` (when `sleep_mode`), then `[defaults].args` and the model's `args`.
 - The container listens on its registry port and is published on `host_ip:port`.
+- Replicas: replica `i` of a model (0 <= i < `replica_slots`) is its own container, named
+  `<prefix>-<model>` for replica 0 (the name a single-replica model always had) and
+  `<prefix>-<model>-r<i>` otherwise, listening and published on `port + i`, labelled
+  `io.vllm-fleet.replica=<i>`, with the same image, GPUs and fraction as its siblings.
 - `source`: an HF repo id is passed as is. A local path is mapped into the read-only
   `/models` mount of `[defaults].models_dir`: `./x` (relative to models_dir) -> `/models/x`;
   `/models/x` is already the in-container path and is kept; an absolute host path under
@@ -52,6 +56,7 @@ from fleet.registry import ModelSpec, Registry
 LABEL_MANAGED = "io.vllm-fleet.managed"
 LABEL_MODEL = "io.vllm-fleet.model"
 LABEL_SPEC_HASH = "io.vllm-fleet.spec-hash"
+LABEL_REPLICA = "io.vllm-fleet.replica"
 
 DEFAULT_NAME_PREFIX = "vllm-fleet"
 DEFAULT_SHM_SIZE = "8g"
@@ -96,6 +101,7 @@ class ContainerSpec:
     healthcheck: Mapping[str, Any]
     cpuset_cpus: str | None
     spec_hash: str
+    replica: int = 0
 
     @property
     def port(self) -> int:
@@ -104,22 +110,28 @@ class ContainerSpec:
         return int(container_port.split("/", 1)[0])
 
 
-def container_name(model_name: str, name_prefix: str = DEFAULT_NAME_PREFIX) -> str:
-    """The deterministic container name of a managed model (shared by fleet and compose)."""
-    return f"{name_prefix}-{model_name}"
+def container_name(model_name: str, name_prefix: str = DEFAULT_NAME_PREFIX,
+                   replica: int = 0) -> str:
+    """The deterministic container name of a managed model's replica (shared by fleet and
+    compose): `<prefix>-<model>` for replica 0, `<prefix>-<model>-r<i>` for replica i."""
+    base = f"{name_prefix}-{model_name}"
+    return base if replica == 0 else f"{base}-r{replica}"
 
 
 def container_spec(
     registry: Registry,
     model_name: str,
     *,
+    replica: int = 0,
     cpuset: str | None = None,
     name_prefix: str = DEFAULT_NAME_PREFIX,
 ) -> ContainerSpec:
-    """The container spec of managed model `model_name` (a name, not an alias).
+    """The container spec of replica `replica` of managed model `model_name` (a name, not an
+    alias).
 
-    Raises KeyError for an unknown name, SpecError for a remote (`url`) model or a model
-    whose source/volumes/env cannot be turned into a container.
+    Raises KeyError for an unknown name, SpecError for a remote (`url`) model, a replica
+    index outside the model's `replica_slots`, or a model whose source/volumes/env cannot be
+    turned into a container.
     """
     model = registry.models[model_name]
     where = f"model {model_name!r}"
@@ -127,6 +139,9 @@ def container_spec(
         raise SpecError(f"{where} is a remote model (url = {model.url!r}); the fleet never "
                         f"runs a container for it")
     assert model.port is not None and model.source is not None  # validated by the registry
+    if not 0 <= replica < model.replica_slots:
+        raise SpecError(f"{where} has {model.replica_slots} replica slot(s) (0-"
+                        f"{model.replica_slots - 1}); there is no replica {replica}")
 
     env = registry.env(model)
     refused = sorted(k for k in env if k in _REFUSED_ENV)
@@ -138,13 +153,14 @@ def container_spec(
     if model.sleep_mode:
         environment.setdefault(SLEEP_MODE_ENV, "1")
 
-    port = model.port
+    port = model.replica_port(replica)
     spec = ContainerSpec(
-        name=container_name(model_name, name_prefix),
+        name=container_name(model_name, name_prefix, replica),
         model=model_name,
         image=registry.image(model),
-        command=vllm_args(registry, model),
-        labels=_frozen({LABEL_MANAGED: "true", LABEL_MODEL: model_name}),
+        command=vllm_args(registry, model, replica),
+        labels=_frozen({LABEL_MANAGED: "true", LABEL_MODEL: model_name,
+                        LABEL_REPLICA: str(replica)}),
         environment=_frozen(environment),
         passthrough_env=SECRET_ENV,
         ports=_frozen({f"{port}/tcp": (registry.host_ip(model), port)}),
@@ -156,20 +172,21 @@ def container_spec(
         healthcheck=_frozen(_healthcheck(port, registry.health_timeout(model))),
         cpuset_cpus=cpuset,
         spec_hash="",
+        replica=replica,
     )
     digest = spec_hash(spec)
     return replace(spec, spec_hash=digest,
                    labels=_frozen({**spec.labels, LABEL_SPEC_HASH: digest}))
 
 
-def vllm_args(registry: Registry, model: ModelSpec) -> tuple[str, ...]:
-    """The vLLM server flags for a managed model (the container's command)."""
+def vllm_args(registry: Registry, model: ModelSpec, replica: int = 0) -> tuple[str, ...]:
+    """The vLLM server flags for a managed model's replica (the container's command)."""
     assert model.port is not None and model.source is not None
     args: list[str] = [
         "--model", model_source(registry, model),
         "--served-model-name", *model.served_names,
         "--host", "0.0.0.0",
-        "--port", str(model.port),
+        "--port", str(model.replica_port(replica)),
         "--gpu-memory-utilization", _num(registry.gpu_fraction(model)),
     ]
     if model.max_model_len is not None:
@@ -214,10 +231,14 @@ def spec_hash(spec: ContainerSpec) -> str:
     Covers name, image, command, labels (except the hash label itself), registry
     environment, the *names* of passthrough variables (never their values), ports, GPUs,
     volumes (host paths as written in the registry), IPC/shm, health check and cpuset.
+    The replica index (field and label) is left out: name, port and command already tell
+    replicas apart, and so replica 0 hashes as a single-replica model's container did before
+    replicas existed (such containers are adopted, not recreated).
     """
     material = {f.name: _plain(getattr(spec, f.name)) for f in fields(spec)
-                if f.name != "spec_hash"}
-    material["labels"] = {k: v for k, v in spec.labels.items() if k != LABEL_SPEC_HASH}
+                if f.name not in ("spec_hash", "replica")}
+    material["labels"] = {k: v for k, v in spec.labels.items()
+                          if k not in (LABEL_SPEC_HASH, LABEL_REPLICA)}
     text = json.dumps(material, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

@@ -115,6 +115,62 @@ def test_profiles_only_for_models_not_autostarted() -> None:
     assert "profiles" not in d["services"]["vllm-chat"]
 
 
+REPLICAS = TEXT.replace("[models.remote]", """[models.pool]
+source = "org/pool"
+port = 8010
+cpus = 1
+replicas = 2
+
+[models.auto]
+source = "org/auto"
+port = 8020
+cpus = 1
+min_replicas = 1
+max_replicas = 3
+target_ongoing_requests = 4
+
+[models.lazy]
+source = "org/lazy"
+port = 8030
+autostart = false
+min_replicas = 2
+max_replicas = 3
+target_ongoing_requests = 4
+
+[models.remote]""").replace("cpus = 8", "cpus = 16")
+
+
+def test_one_service_per_replica_slot_named_like_the_fleet() -> None:
+    d = doc(REPLICAS)
+    assert list(d["services"]) == [
+        "vllm-chat", "vllm-tiny", "vllm-pool", "vllm-pool-r1", "vllm-auto", "vllm-auto-r1",
+        "vllm-auto-r2", "vllm-lazy", "vllm-lazy-r1", "vllm-lazy-r2", "gateway"]
+    r1 = d["services"]["vllm-pool-r1"]
+    assert r1["container_name"] == "vllm-fleet-pool-r1"
+    assert r1["labels"]["io.vllm-fleet.replica"] == "1"
+    assert d["services"]["vllm-pool"]["labels"]["io.vllm-fleet.replica"] == "0"
+    assert r1["ports"] == [{"target": 8011, "published": "8011", "host_ip": "127.0.0.1",
+                            "protocol": "tcp"}]
+    assert r1["command"][r1["command"].index("--port") + 1] == "8011"
+    assert r1["healthcheck"]["test"][-1] == "http://127.0.0.1:8011/health"
+    # every replica slot is pinned to cores of its own
+    slots = ("vllm-pool", "vllm-pool-r1", "vllm-auto", "vllm-auto-r1", "vllm-auto-r2")
+    assert [d["services"][s]["cpuset"] for s in slots] == ["5", "6", "7", "8", "9"]
+
+
+def test_autoscale_slots_get_their_own_profile() -> None:
+    svc = doc(REPLICAS)["services"]
+    assert "profiles" not in svc["vllm-pool"] and "profiles" not in svc["vllm-pool-r1"]
+    assert "profiles" not in svc["vllm-auto"]
+    assert svc["vllm-auto-r1"]["profiles"] == svc["vllm-auto-r2"]["profiles"] == ["autoscale"]
+    # an on-demand model: its initial replicas on demand, the other slots autoscale
+    assert svc["vllm-lazy"]["profiles"] == svc["vllm-lazy-r1"]["profiles"] == ["on-demand"]
+    assert svc["vllm-lazy-r2"]["profiles"] == ["autoscale"]
+    # the gateway waits for what `docker compose up` starts
+    assert list(svc["gateway"]["depends_on"]) == ["vllm-chat", "vllm-pool", "vllm-pool-r1",
+                                                  "vllm-auto"]
+
+
 def test_hf_token_is_interpolated_never_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", SECRET)
     text = render_compose(reg())

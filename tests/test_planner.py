@@ -11,12 +11,15 @@ from fleet.planner import (
     SwitchPlan,
     Violation,
     assign_cpusets,
+    assign_replica_cpusets,
     check_placement,
     check_registry,
     describe_plan,
     fleet_specs,
     gateway_cpuset,
+    model_state,
     plan_switch,
+    replica_specs,
 )
 from fleet.registry import ModelSpec, load_registry, parse_registry
 
@@ -341,3 +344,118 @@ def test_check_registry_finds_autostart_overcommit_and_oversized_models() -> Non
 def test_check_registry_reports_spec_errors() -> None:
     r = reg('[models.local]\nsource = "./weights"\nport = 8001\n')
     assert kinds(check_registry(r)) == ["spec"]
+
+
+# --- replicas ---------------------------------------------------------------------------
+
+
+def rep(n: int) -> str:
+    return f"replicas = {n}"
+
+
+def auto(lo: int, hi: int) -> str:
+    return f"min_replicas = {lo}\nmax_replicas = {hi}\ntarget_ongoing_requests = 4"
+
+
+def test_every_awake_replica_counts_its_fraction() -> None:
+    r = reg(model("a", 8001, util=0.3, extra=rep(2)) + model("b", 8010, util=0.3)
+            + model("c", 8011, util=0.4))
+    assert check_placement(r, ["a", "b"]) == []          # a's 2 replicas: 0.3 + 0.3 + 0.3
+    (v,) = check_placement(r, ["a", "c"])                 # 0.6 + 0.4 > 0.95
+    assert v.kind == "gpu-overcommit" and "a 2x0.3 + c 0.4 = 1" in v.message
+    assert check_placement(r, {"a": 1, "c": 1}) == []     # one replica of a awake
+    assert check_placement(r, {"a": [1], "c": [0]}) == []
+    assert check_placement(r, {"a": 0, "c": 1, "b": 1}) == []
+
+
+def test_names_count_with_their_initial_replicas() -> None:
+    r = reg(model("a", 8001, util=0.3, extra=auto(2, 3)))
+    assert check_placement(r, ["a"]) == []                # 2 x 0.3
+    assert kinds(check_placement(r, {"a": 4})) == ["gpu-overcommit"]
+
+
+def test_a_dedicated_models_replicas_cannot_share_its_gpu() -> None:
+    r = reg(model("big", 8001, util=0.4, extra="dedicated = true\n" + rep(2)))
+    (v,) = check_placement(r, ["big"])
+    assert v.kind == "dedicated-conflict" and "1 more replica(s) of big" in v.message
+    assert check_placement(r, {"big": 1}) == []
+
+
+def test_cpu_budget_counts_replicas_and_each_has_its_own_cores() -> None:
+    r = reg(model("a", 8001, gpus="[]", extra="cpus = 1\n" + rep(2))
+            + model("b", 8010, gpus="[]", extra="cpus = 1"), host="cpus = 3\ngateway_cpus = 0")
+    assert assign_replica_cpusets(r, r.names()) == {("a", 0): "0", ("a", 1): "1", ("b", 0): "2"}
+    assert assign_cpusets(r, r.names()) == {"a": "0", "b": "2"}   # replica 0's
+    assert check_placement(r, ["a", "b"]) == []
+    (v,) = check_placement(reg(model("a", 8001, gpus="[]", extra="cpus = 1\n" + rep(2))
+                               + model("b", 8010, gpus="[]", extra="cpus = 1"),
+                               host="cpus = 2\ngateway_cpus = 0"), ["a", "b"])
+    assert v.kind == "cpu-oversubscribed" and "a 2x1 + b 1" in v.message
+
+
+def test_replicas_that_exclude_each_other_on_a_gpu_may_share_cores() -> None:
+    # two replicas at 0.6 on GPU 0 can never be awake together: the second reuses the cores
+    r = reg(model("a", 8001, util=0.6, extra="cpus = 1\n" + auto(1, 2)),
+            host="gpus = [{ id = 0 }]\ncpus = 1\ngateway_cpus = 0")
+    assert assign_replica_cpusets(r, ["a"]) == {("a", 0): "0", ("a", 1): "0"}
+
+
+def test_fragmented_replica_cores_are_reported() -> None:
+    # a's slot 1 wraps onto core 0 (only 2 cores for 3 one-core slots): a[1] + b collide
+    r = reg(model("a", 8001, gpus="[]", extra="cpus = 1\n" + auto(1, 2))
+            + model("b", 8010, gpus="[]", extra="cpus = 1"), host="cpus = 2\ngateway_cpus = 0")
+    sets = assign_replica_cpusets(r, r.names())
+    assert sets[("a", 0)] == "0" and sets[("a", 1)] == "1" and sets[("b", 0)] == "0"
+    assert kinds(check_placement(r, {"a": [1], "b": 1})) == []
+    (v,) = check_placement(r, {"a": [0], "b": 1})
+    assert v.kind == "cpu-oversubscribed"
+    assert "b and a replica 0 are both pinned to core 0" in v.message
+
+
+def test_replica_specs_cover_every_slot() -> None:
+    r = reg(model("a", 8001, gpus="[]", extra="cpus = 1\n" + auto(1, 3)),
+            host="cpus = 4\ngateway_cpus = 1")
+    specs = replica_specs(r)["a"]
+    assert [(s.name, s.port, s.cpuset_cpus, s.replica) for s in specs] == [
+        ("vllm-fleet-a", 8001, "1", 0), ("vllm-fleet-a-r1", 8002, "2", 1),
+        ("vllm-fleet-a-r2", 8003, "3", 2)]
+    assert fleet_specs(r)["a"] == specs[0]
+
+
+def test_model_state_of_replicas() -> None:
+    assert model_state([]) == "absent"
+    assert model_state(["healthy", "healthy"]) == "healthy"
+    assert model_state(["healthy", "loading"]) == "loading"
+    assert model_state(["healthy", "running"]) == "running"
+    assert model_state(["healthy", "absent"]) == "absent"
+    assert model_state(["sleeping", "absent"]) == "sleeping"
+    assert model_state(["healthy", "stopped"]) == "stopped"
+    assert model_state(["sleeping", "drifted"]) == "drifted"
+
+
+def test_switch_counts_every_replica_of_the_target_and_of_the_others() -> None:
+    r = reg(model("a", 8001, util=0.3, extra=rep(2)) + model("b", 8010, util=0.3)
+            + model("t", 8011, util=0.3, extra=rep(2)))
+    observed = obs(ObservedModel("a", "healthy", last_used=5, replicas=(0, 1)), up("b", 9))
+    plan = plan_switch(r, observed, "t")
+    # t's 2 x 0.3 needs 0.6 free: evicting b (0.3) is not enough, a (2 x 0.3) is
+    assert plan.ok and [e.model for e in plan.evict] == ["a"]
+    # with only one replica of a awake, evicting b alone would not do either: a it is
+    observed = obs(ObservedModel("a", "healthy", last_used=5, replicas=(0,)), up("b", 9))
+    assert [e.model for e in plan_switch(r, observed, "t").evict] == ["a"]
+    # asking for one replica of t: it fits beside a[0] and b
+    assert plan_switch(r, observed, "t", replicas=[0]).evict == ()
+
+
+def test_switch_target_with_replicas_that_cannot_fit_alone() -> None:
+    r = reg(model("t", 8001, util=0.5, extra=rep(2)))
+    plan = plan_switch(r, {}, "t")
+    assert kinds(plan.violations) == ["gpu-overcommit"] and "t 2x0.5" in plan.violations[0].message
+
+
+def test_check_registry_checks_every_model_at_its_max_replicas() -> None:
+    r = reg(model("a", 8001, util=0.4, extra=auto(1, 3)))
+    (v,) = check_registry(r)
+    assert v.kind == "gpu-overcommit"
+    assert v.message.startswith("a alone with all 3 replicas (max_replicas): GPU 0: a 3x0.4")
+    assert check_registry(reg(model("a", 8001, util=0.3, extra=auto(1, 3)))) == []

@@ -14,8 +14,10 @@ from fleet.spec import (
     HF_CACHE_TARGET,
     LABEL_MANAGED,
     LABEL_MODEL,
+    LABEL_REPLICA,
     LABEL_SPEC_HASH,
     SpecError,
+    container_name,
     container_spec,
     docker_run_kwargs,
     spec_hash,
@@ -223,7 +225,40 @@ def test_labels_and_deterministic_name() -> None:
     assert spec.name == "vllm-fleet-chat"
     assert container_spec(reg(), "chat", name_prefix="t-123").name == "t-123-chat"
     assert dict(spec.labels) == {LABEL_MANAGED: "true", LABEL_MODEL: "chat",
-                                 LABEL_SPEC_HASH: spec.spec_hash}
+                                 LABEL_REPLICA: "0", LABEL_SPEC_HASH: spec.spec_hash}
+
+
+REPLICATED = BASE.replace("port = 8001\n", "port = 8001\nreplicas = 3\n", 1).replace(
+    "port = 8002", "port = 8005").replace("port = 8003", "port = 8006")
+
+
+def test_each_replica_has_its_own_name_port_label_and_health_check() -> None:
+    r = reg(REPLICATED)
+    specs = [container_spec(r, "chat", replica=i, cpuset=f"{i}") for i in range(3)]
+    assert [s.name for s in specs] == ["vllm-fleet-chat", "vllm-fleet-chat-r1",
+                                       "vllm-fleet-chat-r2"]
+    assert [container_name("chat", "p", i) for i in range(2)] == ["p-chat", "p-chat-r1"]
+    assert [s.port for s in specs] == [8001, 8002, 8003]
+    assert [dict(s.ports) for s in specs][2] == {"8003/tcp": ("127.0.0.1", 8003)}
+    for i, s in enumerate(specs):
+        assert s.replica == i and s.labels[LABEL_REPLICA] == str(i)
+        assert s.command[s.command.index("--port") + 1] == str(8001 + i)
+        assert s.healthcheck["test"][-1] == f"http://127.0.0.1:{8001 + i}/health"
+        assert s.gpu_device_ids == ("0",) and s.cpuset_cpus == str(i)
+        assert "--gpu-memory-utilization" in s.command and "0.45" in s.command
+        assert spec_hash(s) == s.spec_hash
+    assert len({s.spec_hash for s in specs}) == 3
+    with pytest.raises(SpecError, match="no replica 3"):
+        container_spec(r, "chat", replica=3)
+
+
+def test_replica_zero_hashes_as_the_single_container_did() -> None:
+    # Containers made before replicas existed carry no replica label and the same hash:
+    # they are adopted, not recreated. The replica label is not part of the material.
+    spec = container_spec(reg(), "chat")
+    without = {k: v for k, v in spec.labels.items() if k != LABEL_REPLICA}
+    assert spec_hash(replace(spec, labels=without)) == spec.spec_hash
+    assert container_spec(reg(REPLICATED), "chat").spec_hash == spec.spec_hash
 
 
 def test_ipc_host_or_shm_size() -> None:
