@@ -40,7 +40,7 @@ import pytest
 
 from fleet.planner import assign_cpusets
 from fleet.registry import Registry, load_registry
-from fleet.spec import container_spec, resolve_host_path
+from fleet.spec import ContainerSpec, container_spec, resolve_host_path
 from support.docker_fixtures import (
     TEST_LABEL,
     container_exited,
@@ -136,13 +136,18 @@ def ensure_vllm_prerequisites() -> None:
 # Containers
 
 
-def docker_run_args(env: VllmEnv, name: str, host_port: int, cpuset: str | None) -> list[str]:
-    """`docker run` arguments for registry model `name`, as the fleet would run it, for a test."""
-    registry = env.registry
-    spec = container_spec(registry, name, cpuset=cpuset, name_prefix=f"vft-{env.run_id}")
-    base_dir = str(Path(registry.source).resolve().parent)
+def session_container_spec(env: VllmEnv, name: str, cpuset: str | None) -> ContainerSpec:
+    """Registry model `name`'s container spec as the fleet derives it, named for this session."""
+    return container_spec(env.registry, name, cpuset=cpuset, name_prefix=f"vft-{env.run_id}")
+
+
+def docker_run_args(env: VllmEnv, spec: ContainerSpec, host_port: int) -> list[str]:
+    """`docker run` arguments for `spec` as the fleet would run it, labelled for the test.
+
+    The container keeps its registry port inside; the host side is `127.0.0.1:host_port`."""
+    base_dir = str(Path(env.registry.source).resolve().parent)
     args = ["run", "-d", "--name", spec.name, "--label", env.label,
-            "--label", f"io.vllm-fleet.test-model={name}",
+            "--label", f"io.vllm-fleet.test-model={spec.model}",
             "-p", f"127.0.0.1:{host_port}:{spec.port}"]
     if spec.ipc_mode:
         args += ["--ipc", spec.ipc_mode]
@@ -187,20 +192,20 @@ class VllmLauncher:
 
     def stop(self, name: str) -> None:
         """Remove model `name`'s container (a later `server(name)` starts a new one)."""
-        self._servers.pop(name, None)
+        server = self._servers.pop(name, None)
         pending = self._pending.pop(name, None)
-        container = self.env.name(name) if pending is None else pending.container
-        docker_cli("rm", "-f", container, timeout=60.0, check=False)
+        container = server.container if server else pending.container if pending else None
+        if container is not None:
+            docker_cli("rm", "-f", container, timeout=60.0, check=False)
 
     def _start(self, name: str) -> None:
-        cpusets = assign_cpusets(self.env.registry, self.env.registry.names())
+        cpuset = assign_cpusets(self.env.registry, self.env.registry.names()).get(name)
+        spec = session_container_spec(self.env, name, cpuset)
         port = _free_port()
-        args = docker_run_args(self.env, name, port, cpusets.get(name))
-        container = self.env.name(name)
-        docker_cli("rm", "-f", container, timeout=60.0, check=False)
+        docker_cli("rm", "-f", spec.name, timeout=60.0, check=False)
         t0 = time.monotonic()
-        docker_cli(*args, timeout=60.0)
-        self._pending[name] = _Pending(container, port, cpusets.get(name), t0)
+        docker_cli(*docker_run_args(self.env, spec, port), timeout=60.0)
+        self._pending[name] = _Pending(spec.name, port, cpuset, t0)
 
     def _wait(self, name: str, deadline: float) -> VllmServer:
         pending = self._pending[name]
