@@ -3,7 +3,9 @@
     from fleet.api import open_fleet
     client = open_fleet(load_registry("models.toml"))
     client.ensure_awake("qwen-7b", timeout=120)   # blocking: run it in a worker thread
-    client.status()
+    client.status()                               # one row per replica
+    client.scale("qwen-7b", 2, timeout=120)       # autoscaling (see fleet.autoscale.decide)
+    client.sleep("qwen-7b")                       # idle ttl: vLLM sleep, or stop
 
 Settings come from a `FleetSettings` object (environment `FLEET_*`, plus `DOCKER_HOST`) that
 the caller may build and pass in; nothing is read at import time.
@@ -21,6 +23,7 @@ from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DockerEngine, Engine
 from fleet.health import HttpProbe, Probe
 from fleet.lifecycle import DEFAULT_STOP_TIMEOUT, Clock, Fleet, ModelStatus, Report
 from fleet.lock import DEFAULT_LOCK_TIMEOUT, SwitchLock, default_lock_path
+from fleet.planner import READY_STATES
 from fleet.registry import Registry
 from fleet.spec import DEFAULT_NAME_PREFIX
 
@@ -115,16 +118,45 @@ def build_fleet(
 
 
 class FleetClient:
-    """What the gateway needs: make a model awake (switching if needed) and read status."""
+    """What the gateway needs: make a model awake (switching if needed), put it to sleep,
+    scale it, read status. Every call blocks (Docker, health polls) and serializes with
+    other switches through the switch lock: call it from a worker thread."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
 
     def status(self, models: Collection[str] | None = None) -> list[ModelStatus]:
+        """One row per replica (`ModelStatus.replica`) of `models` (default: all)."""
         return self.fleet.status(models)
 
+    def awake_replicas(self, model: str) -> int:
+        """How many replicas of `model` are running, healthy or loading now (what `scale`
+        counts from; for `fleet.autoscale.decide`'s `current`)."""
+        name = self.fleet.model(model).name
+        return sum(s.state in READY_STATES for s in self.fleet.status([name])
+                   if s.name == name)
+
+    def sleep(self, model: str) -> Report:
+        """Put every awake replica of `model` to sleep: vLLM sleep level 1 (weights offloaded,
+        GPU memory freed, the container keeps running and wakes in seconds) when the model
+        has `sleep_mode`; otherwise, or when sleeping fails, the container is stopped (kept;
+        the next `ensure_awake` starts it again, a full model load). The report's actions say
+        which (`sleep` or `stop`, with the reason in `note`); "none" when nothing was awake.
+        """
+        return self.fleet.sleep(model)
+
+    def scale(self, model: str, n: int, *, timeout: float | None = None) -> Report:
+        """Start or stop replicas of `model` until `n` are awake (`Fleet.scale`): refuses
+        with `PlacementRefused` when the new replicas do not fit beside what is awake (it
+        never evicts) and with `ScaleOutOfRange` (exit_code 2) outside the model's range.
+        Scaling down stops the highest-index replicas: stop routing to them first.
+        `timeout` (seconds) caps the wait for the switch lock and for health."""
+        deadline = None if timeout is None else self.fleet.clock.monotonic() + timeout
+        return self.fleet.scale(model, n, deadline=deadline)
+
     def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report | None:
-        """Return at once (None) if `model` is healthy; else switch to it and wait.
+        """Return at once (None) if a replica of `model` is healthy; else switch to it (its
+        initial replicas, and any sleeping ones) and wait.
 
         `timeout` (seconds) caps the wait for the switch lock and for health. Raises
         `fleet.lifecycle.FleetError` subclasses (PlacementRefused e.g. when the models in

@@ -6,9 +6,10 @@
     down [MODEL...]          stop and remove containers (default: all of this fleet's)
     switch MODEL [--force] [--dry-run]
                              make MODEL awake, evicting what the planner says; timings on stderr
-    sleep MODEL / wake MODEL vLLM sleep mode (stop/start for models without it)
-    status [--json]          state, port, GPUs, fraction, uptime, health of every model
-    logs MODEL [--follow] [--tail N]
+    sleep MODEL / wake MODEL vLLM sleep mode (stop/start for models without it), all replicas
+    scale MODEL N            start or stop replicas until N are awake (never evicts)
+    status [--json]          state, port, GPUs, fraction, uptime, health of every replica
+    logs MODEL [--replica I] [--follow] [--tail N]
     check [--json]           the planner's verdict on the registry (exit 2 on a violation)
     compose [--check] [--output PATH]
                              render compose.yaml (`--check`: exit 1 with the diff on drift)
@@ -89,11 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                        ("wake", "wake MODEL (start it if stopped) without evicting others")):
         p = sub.add_parser(name, parents=[common, json_opt], help=text)
         p.add_argument("model", metavar="MODEL")
-    p = sub.add_parser("status", parents=[common, json_opt], help="state of every model")
+    p = sub.add_parser("scale", parents=[common, json_opt],
+                       help="start or stop replicas of MODEL until N are awake (never evicts)")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("replicas", type=int, metavar="N")
+    p = sub.add_parser("status", parents=[common, json_opt],
+                       help="state of every model (one row per replica)")
     p.add_argument("--no-probe", action="store_true",
                    help="do not call /health (Docker's view only; faster)")
     p = sub.add_parser("logs", parents=[common], help="a model's container logs")
     p.add_argument("model", metavar="MODEL")
+    p.add_argument("--replica", type=int, default=0, metavar="I",
+                   help="which replica (default 0)")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--tail", type=int, default=100, metavar="N")
     sub.add_parser("check", parents=[common, json_opt],
@@ -131,11 +139,12 @@ def _fmt_uptime(seconds: float | None) -> str:
 
 
 def format_status(rows: Sequence[ModelStatus]) -> str:
-    header = ("MODEL", "STATE", "PORT", "GPUS", "FRACTION", "UPTIME", "HEALTH", "DETAIL")
+    header = ("MODEL", "REPLICA", "STATE", "PORT", "GPUS", "FRACTION", "UPTIME", "HEALTH",
+              "DETAIL")
     table = [header]
     for r in rows:
         table.append((
-            r.name, r.state, str(r.port) if r.port is not None else "-",
+            r.name, str(r.replica), r.state, str(r.port) if r.port is not None else "-",
             ",".join(str(g) for g in r.gpus) or "-",
             f"{r.fraction:g}" if r.fraction is not None and r.gpus else "-",
             _fmt_uptime(r.uptime), r.health, r.detail,
@@ -148,7 +157,8 @@ def format_status(rows: Sequence[ModelStatus]) -> str:
     return "\n".join(lines)
 
 
-def _print_report(report: Report, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+def _print_report(report: Report, args: argparse.Namespace, out: TextIO, err: TextIO,
+                  label: Callable[[str, int], str] | None = None) -> None:
     if report.timings:
         print(f"{report.operation} {' '.join(report.target)}: {report.timing_line()}", file=err)
     if getattr(args, "json", False):
@@ -156,7 +166,8 @@ def _print_report(report: Report, args: argparse.Namespace, out: TextIO, err: Te
         return
     for a in report.actions:
         note = f" ({a.note})" if a.note else ""
-        print(f"{a.model}: {a.action}{note}", file=out)
+        who = label(a.model, a.replica) if label is not None else a.model
+        print(f"{who}: {a.action}{note}", file=out)
     if report.operation != "down":
         print(f"awake: {', '.join(report.awake) or 'none'}", file=out)
 
@@ -259,10 +270,10 @@ def _cmd_plan(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) 
 
 def _cmd_logs(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.follow:
-        for line in fleet.follow_logs(args.model, tail=args.tail):
+        for line in fleet.follow_logs(args.model, tail=args.tail, replica=args.replica):
             print(line, file=out, flush=True)
     else:
-        out.write(fleet.logs(args.model, tail=args.tail))
+        out.write(fleet.logs(args.model, tail=args.tail, replica=args.replica))
     return EXIT_OK
 
 
@@ -284,9 +295,11 @@ def _run_fleet_command(fleet: Fleet, args: argparse.Namespace, out: TextIO, err:
         report = fleet.sleep(args.model)
     elif cmd == "wake":
         report = fleet.wake(args.model)
+    elif cmd == "scale":
+        report = fleet.scale(args.model, args.replicas)
     else:  # pragma: no cover - argparse only lets known commands through
         raise AssertionError(cmd)
-    _print_report(report, args, out, err)
+    _print_report(report, args, out, err, fleet.label)
     return EXIT_OK
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from fleet.api import FleetClient, SettingsError, build_fleet, load_settings, parse_labels
 from fleet.engine import DockerEngine
-from fleet.lifecycle import StartFailed
-from support.fleet_fakes import FakeWorld, make_fleet, make_registry
+from fleet.lifecycle import PlacementRefused, ScaleOutOfRange, StartFailed
+from support.fleet_fakes import REPLICA_TOML, FakeWorld, make_fleet, make_registry
 
 pytestmark = pytest.mark.unit
 
@@ -58,4 +58,49 @@ def test_ensure_awake_timeout_caps_the_health_wait(tmp_path: Path) -> None:
     t0 = world.clock.now
     with pytest.raises(StartFailed, match="caller's deadline"):
         client.ensure_awake("b", timeout=2)
+    assert world.clock.now - t0 < 3
+
+
+def test_ensure_awake_brings_up_the_initial_replicas(tmp_path: Path) -> None:
+    world = FakeWorld()
+    client = FleetClient(make_fleet(world, make_registry(REPLICA_TOML), tmp_path))
+    report = client.ensure_awake("pool")
+    assert report is not None and [(a.replica, a.action) for a in report.actions] == [
+        (0, "create"), (1, "create")]
+    assert client.awake_replicas("pool") == 2 and client.awake_replicas("auto") == 0
+
+
+def test_sleep_uses_sleep_mode_or_stops_and_says_which(tmp_path: Path) -> None:
+    world = FakeWorld()
+    client = FleetClient(make_fleet(world, make_registry(), tmp_path))
+    client.ensure_awake("a")
+    client.ensure_awake("c")
+    report = client.sleep("a")   # sleep_mode: vLLM sleep, the container keeps running
+    assert [(x.action, x.note) for x in report.actions] == [("sleep", "requested")]
+    report = client.sleep("c")   # no sleep_mode: the container is stopped
+    assert [(x.action, x.note) for x in report.actions] == [
+        ("stop", "no sleep_mode: stopped instead")]
+    assert client.sleep("c").actions[0].action == "none"
+    assert [s.state for s in client.status(["a", "c"])] == ["sleeping", "stopped"]
+    assert client.ensure_awake("c") is not None   # the next activation starts it again
+    assert world.calls[-1] == ("start", "vllm-fleet-c")
+
+
+def test_scale_with_timeout_and_its_refusals(tmp_path: Path) -> None:
+    world = FakeWorld()
+    client = FleetClient(make_fleet(world, make_registry(REPLICA_TOML), tmp_path))
+    client.ensure_awake("auto")
+    report = client.scale("auto", 3, timeout=30)
+    assert report.operation == "scale" and client.awake_replicas("auto") == 3
+    with pytest.raises(ScaleOutOfRange):
+        client.scale("auto", 9)
+    client.scale("auto", 1)
+    client.fleet.up(["pool"])
+    with pytest.raises(PlacementRefused):
+        client.scale("auto", 2)
+    world.load_seconds["auto"] = 50
+    client.fleet.sleep("pool")
+    t0 = world.clock.now
+    with pytest.raises(StartFailed, match="caller's deadline"):
+        client.scale("auto", 2, timeout=2)
     assert world.clock.now - t0 < 3

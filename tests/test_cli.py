@@ -58,15 +58,16 @@ def cli(world: FakeWorld, registry_file: Path, tmp_path: Path):  # type: ignore[
 def test_status_table_and_json(cli) -> None:  # type: ignore[no-untyped-def]
     r = cli("status")
     assert r.code == 0 and r.err == ""
-    assert r.out.splitlines()[0].split() == ["MODEL", "STATE", "PORT", "GPUS", "FRACTION",
-                                             "UPTIME", "HEALTH", "DETAIL"]
-    assert r.out.splitlines()[1].split() == ["a", "absent", "18001", "0", "0.6", "-", "-"]
+    assert r.out.splitlines()[0].split() == ["MODEL", "REPLICA", "STATE", "PORT", "GPUS",
+                                             "FRACTION", "UPTIME", "HEALTH", "DETAIL"]
+    assert r.out.splitlines()[1].split() == ["a", "0", "absent", "18001", "0", "0.6", "-", "-"]
     r = cli("status", "--json")
     rows = r.json()
     assert [row["name"] for row in rows] == ["a", "b", "c"]
+    # the shape of before, plus `replica`
     assert set(rows[0]) == {"name", "state", "port", "gpus", "fraction", "uptime", "health",
-                            "container", "detail"}
-    assert rows[0]["gpus"] == [0] and rows[0]["state"] == "absent"
+                            "container", "detail", "replica"}
+    assert rows[0]["gpus"] == [0] and rows[0]["state"] == "absent" and rows[0]["replica"] == 0
 
 
 def test_global_options_work_after_the_command_too(cli, registry_file: Path) -> None:  # type: ignore[no-untyped-def]
@@ -204,3 +205,31 @@ def test_python_dash_m_fleet() -> None:
 
 def test_make_registry_matches_file(registry_file: Path) -> None:
     assert set(make_registry().models) == {"a", "b", "c", "remote"}
+
+
+def test_scale_status_and_logs_of_replicas(cli, world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from support.fleet_fakes import REPLICA_TOML
+
+    path = tmp_path / "replicas.toml"
+    path.write_text(REPLICA_TOML)
+    r = cli("up", "auto", registry=path)
+    assert r.code == 0, r.err
+    assert r.out.splitlines()[0] == "auto[0]: create"
+    r = cli("scale", "auto", "3", registry=path)
+    assert r.code == 0, r.err
+    assert r.out.splitlines() == ["auto[1]: create", "auto[2]: create", "awake: auto"]
+    assert "scale auto: start" in r.err
+    rows = cli("status", "--json", registry=path).json()
+    assert [(x["name"], x["replica"], x["port"], x["state"]) for x in rows if x["name"] == "auto"] \
+        == [("auto", 0, 18111, "healthy"), ("auto", 1, 18112, "healthy"),
+            ("auto", 2, 18113, "healthy")]
+    table = cli("status", registry=path).out.splitlines()
+    assert table[4].split()[:4] == ["auto", "1", "healthy", "18112"]  # after pool 0, 1, auto 0
+    report = cli("scale", "auto", "1", "--json", registry=path).json()
+    assert [(a["replica"], a["action"]) for a in report["actions"]] == [(2, "stop"), (1, "stop")]
+    assert cli("logs", "auto", "--replica", "1", registry=path).out == "INFO starting auto\n"
+    r = cli("scale", "auto", "7", registry=path)
+    assert r.code == 2 and "it takes 1 to 3" in r.err
+    assert cli("up", registry=path).code == 0   # pool beside auto: 0.6 + 0.2
+    r = cli("scale", "auto", "3", registry=path)
+    assert r.code == 1 and "[gpu-overcommit]" in r.err

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fleet.engine import NoGpuRuntime
-from fleet.lifecycle import Fleet, PlacementRefused, StartFailed, UnknownModel
-from support.fleet_fakes import FakeWorld, make_fleet, make_registry, spec_hash_of
+from fleet.lifecycle import Fleet, PlacementRefused, ScaleOutOfRange, StartFailed, UnknownModel
+from support.fleet_fakes import REPLICA_TOML, FakeWorld, make_fleet, make_registry, spec_hash_of
 
 pytestmark = pytest.mark.unit
 
@@ -359,3 +359,216 @@ def test_a_configured_network_wins(world: FakeWorld, tmp_path: Path) -> None:
     fleet.switch("c")
     assert world.by_model("c")[0].kwargs["networking_config"] == {"fleetnet": {"Aliases": ["vllm-c"]}}
     assert "network" not in make_fleet(FakeWorld(), make_registry(), tmp_path).run_kwargs("a")
+
+
+# -- replicas ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rfleet(world: FakeWorld, tmp_path: Path) -> Fleet:
+    return make_fleet(world, make_registry(REPLICA_TOML), tmp_path)
+
+
+def rows(fleet: Fleet) -> list[tuple[str, int, str, int | None]]:
+    return [(s.name, s.replica, s.state, s.port) for s in fleet.status()]
+
+
+def test_up_creates_each_initial_replica_as_its_own_container(rfleet: Fleet,
+                                                              world: FakeWorld) -> None:
+    report = rfleet.up()
+    assert world.calls == [("run", "vllm-fleet-pool"), ("run", "vllm-fleet-pool-r1"),
+                           ("run", "vllm-fleet-auto")]
+    assert [(a.model, a.replica, a.action) for a in report.actions] == [
+        ("pool", 0, "create"), ("pool", 1, "create"), ("auto", 0, "create")]
+    by_name = {c.name: c.kwargs for c in world.containers.values()}
+    r1 = by_name["vllm-fleet-pool-r1"]
+    assert r1["ports"] == {"18102/tcp": ("127.0.0.1", 18102)}
+    assert r1["command"][r1["command"].index("--port") + 1] == "18102"
+    assert r1["labels"]["io.vllm-fleet.replica"] == "1"
+    assert r1["labels"]["io.vllm-fleet.spec-hash"] == rfleet.replica_specs["pool"][1].spec_hash
+    assert r1["healthcheck"]["test"][-1] == "http://127.0.0.1:18102/health"
+    assert by_name["vllm-fleet-pool"]["labels"]["io.vllm-fleet.replica"] == "0"
+    # same GPUs, its own cores
+    assert r1["device_requests"] == by_name["vllm-fleet-pool"]["device_requests"]
+    assert [by_name[n]["cpuset_cpus"] for n in ("vllm-fleet-pool", "vllm-fleet-pool-r1",
+                                                "vllm-fleet-auto")] == ["1", "2", "3"]
+    assert report.awake == ("pool", "auto")
+
+
+def test_status_has_one_row_per_replica(rfleet: Fleet, world: FakeWorld) -> None:
+    # initial replicas always; other autoscale slots only when they have a container
+    assert rows(rfleet) == [("pool", 0, "absent", 18101), ("pool", 1, "absent", 18102),
+                            ("auto", 0, "absent", 18111), ("big", 0, "absent", 18121)]
+    rfleet.up()
+    rfleet.scale("pool", 1)
+    rfleet.scale("auto", 2)
+    assert rows(rfleet) == [("pool", 0, "healthy", 18101), ("pool", 1, "stopped", 18102),
+                            ("auto", 0, "healthy", 18111), ("auto", 1, "healthy", 18112),
+                            ("big", 0, "absent", 18121)]
+    row = rfleet.status(["auto"])[1]
+    assert row.as_dict()["replica"] == 1 and row.container == "vllm-fleet-auto-r1"
+
+
+def test_switch_counts_every_replica_and_acts_on_all_of_an_evicted_model(
+        rfleet: Fleet, world: FakeWorld) -> None:
+    rfleet.up()   # pool 2 x 0.3 + auto 0.2 = 0.8 on GPU 0
+    world.calls.clear()
+    report = rfleet.switch("big")   # 0.5 needs pool (both replicas) out; auto stays
+    assert world.calls == [("sleep", "pool"), ("sleep", "pool"), ("run", "vllm-fleet-big")]
+    assert [(a.model, a.replica, a.action) for a in report.actions] == [
+        ("pool", 0, "sleep"), ("pool", 1, "sleep"), ("big", 0, "create")]
+    assert world.awake_containers() == ["vllm-fleet-auto", "vllm-fleet-big"]
+    world.calls.clear()
+    report = rfleet.switch("pool")   # both replicas come back; big is stopped
+    assert world.calls == [("stop", "vllm-fleet-big"), ("wake", "pool"), ("wake", "pool")]
+    assert world.awake_containers() == ["vllm-fleet-auto", "vllm-fleet-pool",
+                                        "vllm-fleet-pool-r1"]
+    assert rfleet.plan("big").evict[0].model == "pool"
+
+
+def test_a_switch_that_needs_a_scaled_up_model_out_evicts_all_its_replicas(
+        rfleet: Fleet, world: FakeWorld) -> None:
+    rfleet.up(["auto"])
+    rfleet.scale("auto", 3)   # 3 x 0.2
+    world.calls.clear()
+    rfleet.switch("pool")     # 0.6 + 0.6 > 0.95: auto goes, all 3 (no sleep_mode: stopped)
+    assert world.calls[:3] == [("stop", "vllm-fleet-auto"), ("stop", "vllm-fleet-auto-r1"),
+                               ("stop", "vllm-fleet-auto-r2")]
+    assert world.awake_containers() == ["vllm-fleet-pool", "vllm-fleet-pool-r1"]
+
+
+def test_scale_up_starts_the_lowest_free_slots_and_down_stops_the_highest(
+        rfleet: Fleet, world: FakeWorld) -> None:
+    rfleet.up(["auto"])
+    world.calls.clear()
+    world.load_seconds["auto"] = 4.0
+    report = rfleet.scale("auto", 3)
+    assert world.calls == [("run", "vllm-fleet-auto-r1"), ("run", "vllm-fleet-auto-r2")]
+    assert list(report.timings) == ["start", "healthy", "total"]
+    assert report.timings["healthy"] >= 4.0   # it waited for both to be healthy
+    assert [c.kwargs["cpuset_cpus"] for c in world.by_model("auto")] == ["3", "4", "5"]
+    world.calls.clear()
+    report = rfleet.scale("auto", 1)
+    assert world.calls == [("stop", "vllm-fleet-auto-r2"), ("stop", "vllm-fleet-auto-r1")]
+    assert [(a.replica, a.action, a.note) for a in report.actions] == [
+        (2, "stop", "scaled to 1"), (1, "stop", "scaled to 1")]
+    world.calls.clear()
+    report = rfleet.scale("auto", 2)   # the stopped container is started, not recreated
+    assert world.calls == [("start", "vllm-fleet-auto-r1")]
+    assert rfleet.scale("auto", 2).actions[0].action == "none"
+
+
+def test_scale_refuses_what_does_not_fit_and_never_evicts(rfleet: Fleet,
+                                                          world: FakeWorld) -> None:
+    rfleet.up()   # 0.8 on GPU 0
+    world.calls.clear()
+    with pytest.raises(PlacementRefused) as exc:
+        rfleet.scale("auto", 2)
+    assert "cannot scale auto to 2 replica(s) beside what is awake (pool)" in str(exc.value)
+    assert "[gpu-overcommit] GPU 0: pool 2x0.3 + auto 2x0.2 = 1 > gpu_memory_ceiling 0.95" \
+        in str(exc.value)
+    assert world.calls == []
+    rfleet.scale("pool", 1)    # a fixed model may run fewer than its count
+    rfleet.scale("auto", 3)    # 0.3 + 0.6
+    assert len(world.awake_containers()) == 4
+
+
+def test_scale_out_of_range_is_a_usage_error(rfleet: Fleet, world: FakeWorld) -> None:
+    with pytest.raises(ScaleOutOfRange, match="it takes 1 to 3 \\(autoscaled") as exc:
+        rfleet.scale("auto", 4)
+    assert exc.value.exit_code == 2
+    with pytest.raises(ScaleOutOfRange, match="1 to 2 \\(a fixed count"):
+        rfleet.scale("pool", 0)
+    with pytest.raises(UnknownModel):
+        rfleet.scale("nope", 1)
+    assert world.calls == []
+
+
+def test_a_replica_that_fails_at_scale_names_itself_and_the_way_again(
+        rfleet: Fleet, world: FakeWorld) -> None:
+    rfleet.up(["auto"])
+    world.crash.add("auto")
+    with pytest.raises(StartFailed) as exc:
+        rfleet.scale("auto", 2)
+    msg = str(exc.value)
+    assert "model 'auto' replica 1 failed to start: its container exited" in msg
+    assert "--- last log lines of vllm-fleet-auto-r1 ---" in msg
+    assert "fleet state now: auto[0] healthy, auto[1] stopped; awake: auto" in msg
+    assert "run `fleet scale auto 2` again" in msg
+
+
+def test_scale_holds_the_lock_and_honours_the_deadline(rfleet: Fleet,
+                                                       world: FakeWorld) -> None:
+    rfleet.up(["auto"])
+    held: list[bool] = []
+    real_run = world.engine.run
+
+    def run(kwargs):  # type: ignore[no-untyped-def]
+        held.append(rfleet.lock.held)
+        return real_run(kwargs)
+
+    world.engine.run = run  # type: ignore[method-assign]
+    world.load_seconds["auto"] = 1000
+    t0 = world.clock.now
+    with pytest.raises(StartFailed, match="the caller's deadline"):
+        rfleet.scale("auto", 2, deadline=world.clock.now + 5)
+    assert held == [True] and not rfleet.lock.held
+    assert world.clock.now - t0 < 6
+
+
+def test_sleep_wake_down_act_on_every_replica(rfleet: Fleet, world: FakeWorld) -> None:
+    rfleet.up()
+    world.calls.clear()
+    report = rfleet.sleep("pool")
+    assert [(a.replica, a.action) for a in report.actions] == [(0, "sleep"), (1, "sleep")]
+    rfleet.scale("auto", 2)   # fits now that pool sleeps
+    report = rfleet.sleep("auto")   # no sleep_mode: stopped, and the report says so
+    assert [(a.replica, a.action, a.note) for a in report.actions] == [
+        (0, "stop", "no sleep_mode: stopped instead"),
+        (1, "stop", "no sleep_mode: stopped instead")]
+    assert rfleet.sleep("auto").actions[0].note == "already stopped"
+    world.calls.clear()
+    rfleet.wake("pool")       # both sleeping replicas
+    rfleet.wake("auto")       # its initial replica only; the scaled-down slot stays stopped
+    assert world.calls == [("wake", "pool"), ("wake", "pool"), ("start", "vllm-fleet-auto")]
+    report = rfleet.down(["pool", "auto"])
+    assert sorted((a.model, a.replica) for a in report.actions) == [
+        ("auto", 0), ("auto", 1), ("pool", 0), ("pool", 1)]
+    assert world.containers == {}
+
+
+def test_a_container_made_before_replicas_is_adopted_as_replica_0(rfleet: Fleet,
+                                                                  world: FakeWorld) -> None:
+    world.add_container("pool", port=18101, spec_hash=spec_hash_of(rfleet, "pool"))
+    assert rows(rfleet)[:2] == [("pool", 0, "healthy", 18101), ("pool", 1, "absent", 18102)]
+    report = rfleet.up(["pool"])
+    assert world.calls == [("run", "vllm-fleet-pool-r1")]
+    assert report.actions[0].note == "adopted (healthy)"
+
+
+def test_a_replica_beyond_the_registry_slots_is_shown_and_removed_by_up(
+        rfleet: Fleet, world: FakeWorld) -> None:
+    world.add_container("pool", port=18103, spec_hash="x", replica=2)
+    row = next(s for s in rfleet.status() if s.replica == 2)
+    assert (row.name, row.state, row.port) == ("pool", "drifted", 18103)
+    assert "beyond the 2 replica slot(s)" in row.detail
+    report = rfleet.up(["pool"])
+    assert ("remove", "vllm-fleet-pool-r2") in world.calls
+    assert (report.actions[0].action, report.actions[0].replica) == ("remove", 2)
+    assert [c.name for c in world.containers.values()] == ["vllm-fleet-pool", "vllm-fleet-pool-r1"]
+
+
+def test_replicas_join_the_network_under_their_service_names(world: FakeWorld,
+                                                             tmp_path: Path) -> None:
+    fleet = make_fleet(world, make_registry(REPLICA_TOML), tmp_path, network="fleetnet")
+    fleet.up(["pool"])
+    aliases = sorted(c.kwargs["networking_config"]["fleetnet"]["Aliases"][0]
+                     for c in world.containers.values())
+    assert aliases == ["vllm-pool", "vllm-pool-r1"]
+
+
+def test_logs_of_a_replica(rfleet: Fleet, world: FakeWorld) -> None:
+    rfleet.up(["auto"])
+    assert "INFO starting auto" in rfleet.logs("auto", replica=0)
+    with pytest.raises(Exception, match="'auto\\[1\\]' has no container"):
+        rfleet.logs("auto", replica=1)

@@ -20,7 +20,7 @@ from fleet.health import HealthResult, ProbeError
 from fleet.lifecycle import Fleet
 from fleet.lock import SwitchLock
 from fleet.registry import Registry, parse_registry
-from fleet.spec import LABEL_MANAGED, LABEL_MODEL, LABEL_SPEC_HASH
+from fleet.spec import LABEL_MANAGED, LABEL_MODEL, LABEL_REPLICA, LABEL_SPEC_HASH
 
 
 class FakeClock:
@@ -74,11 +74,15 @@ class FakeWorld:
 
     def add_container(self, model: str, *, port: int, spec_hash: str, state: str = "running",
                       name: str | None = None, labels: Mapping[str, str] | None = None,
-                      loaded: bool = True, networks: tuple[str, ...] = ()) -> FakeContainer:
-        """A container that exists before the fleet looks (e.g. made by compose)."""
+                      loaded: bool = True, networks: tuple[str, ...] = (),
+                      replica: int | None = None) -> FakeContainer:
+        """A container that exists before the fleet looks (e.g. made by compose). Without
+        `replica` it carries no replica label, as containers made before replicas existed."""
+        suffix = f"-r{replica}" if replica else ""
         c = FakeContainer(
-            id=f"c{next(self._ids)}", name=name or f"vllm-fleet-{model}",
+            id=f"c{next(self._ids)}", name=name or f"vllm-fleet-{model}{suffix}",
             labels={LABEL_MANAGED: "true", LABEL_MODEL: model, LABEL_SPEC_HASH: spec_hash,
+                    **({} if replica is None else {LABEL_REPLICA: str(replica)}),
                     **(labels or {})},
             port=port, state=state, networks=networks,
         )
@@ -96,6 +100,11 @@ class FakeWorld:
     def awake_models(self) -> set[str]:
         return {c.model for c in self.containers.values()
                 if c.state == "running" and not c.sleeping}
+
+    def awake_containers(self) -> list[str]:
+        """Names of running, not sleeping containers, sorted."""
+        return sorted(c.name for c in self.containers.values()
+                      if c.state == "running" and not c.sleeping)
 
     def names(self, op: str) -> list[Any]:
         return [c[1] for c in self.calls if c[0] == op]
@@ -270,6 +279,48 @@ autostart = false
 
 [models.remote]
 url = "http://10.0.0.9:8000"
+"""
+
+
+# Replicas: pool has 2 fixed replicas (sleep mode), auto 1..3 autoscaled, big one; on GPU 0
+# pool's 2 x 0.3 + auto's 0.2 fit (0.8), big's 0.5 fits beside auto alone. 7 cores for the
+# models (1 kept for the gateway), one per replica.
+REPLICA_TOML = """
+[host]
+gpus = [{ id = 0 }]
+gpu_memory_ceiling = 0.95
+cpus = 8
+gateway_cpus = 1
+
+[defaults]
+image = "vllm-fleet/sim:dev"
+hf_cache = ""
+health_timeout = 60
+cpus = 1
+
+[models.pool]
+source = "org/pool"
+port = 18101
+gpus = [0]
+gpu_memory_utilization = 0.3
+replicas = 2
+sleep_mode = true
+
+[models.auto]
+source = "org/auto"
+port = 18111
+gpus = [0]
+gpu_memory_utilization = 0.2
+min_replicas = 1
+max_replicas = 3
+target_ongoing_requests = 4
+
+[models.big]
+source = "org/big"
+port = 18121
+gpus = [0]
+gpu_memory_utilization = 0.5
+autostart = false
 """
 
 
