@@ -34,7 +34,9 @@ Rules worth knowing:
   named in `passthrough_env` and copied from the caller's environment by
   `docker_run_kwargs`. A registry that sets a secret variable in `env` is refused.
 - `sleep_mode` also sets `VLLM_SERVER_DEV_MODE=1`: vLLM serves `/sleep`, `/wake_up` and
-  `/is_sleeping` only in that mode (ports are published on loopback by default).
+  `/is_sleeping` only in that mode (ports are published on loopback by default). A CPU-only
+  model (`gpus = []`) gets the dev mode without `--enable-sleep-mode`, which vLLM's CPU
+  build refuses at start.
 - Health check: `curl -fsS http://127.0.0.1:PORT/health` inside the container (the
   `vllm/vllm-openai` image and the project's local images ship curl), with a start period
   of the model's `health_timeout`.
@@ -193,7 +195,9 @@ def vllm_args(registry: Registry, model: ModelSpec, replica: int = 0) -> tuple[s
         args += ["--max-model-len", str(model.max_model_len)]
     if model.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(model.tensor_parallel_size)]
-    if model.sleep_mode:
+    if model.sleep_mode and model.gpus:
+        # vLLM's CPU build refuses the flag ("Sleep mode is not supported on current
+        # platform") but serves the sleep endpoints in dev mode (set in the environment).
         args.append("--enable-sleep-mode")
     args += registry.args(model)
     return tuple(args)

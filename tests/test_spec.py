@@ -338,3 +338,10 @@ def test_shipped_registry_specs() -> None:
     embed = container_spec(registry, "embed")
     assert embed.command[embed.command.index("--model") + 1] == "/models/bge-small-en-v1.5"
     assert container_spec(registry, "qwen-32b").gpu_device_ids == ("0", "1")
+
+
+def test_cpu_model_sleep_mode_uses_dev_mode_without_the_flag() -> None:
+    reg = parse_registry('[models.c]\nsource = "org/c"\nport = 9100\nsleep_mode = true\n')
+    spec = container_spec(reg, "c")
+    assert "--enable-sleep-mode" not in spec.command
+    assert spec.environment["VLLM_SERVER_DEV_MODE"] == "1"
