@@ -218,6 +218,21 @@ class Registry(_Strict):
     def names(self) -> list[str]:
         return list(self.models)
 
+    def with_host(self, **overrides: Any) -> Registry:
+        """This registry with `[host]` fields overridden (e.g. from CLI flags), re-validated.
+
+        Keys are `Host` fields (`cpus`, `gateway_cpus`, `gpu_memory_ceiling`, `gpus` as a
+        list of ids or of {id, memory_gib} tables); RegistryError names a bad value."""
+        host = self.host.model_dump()
+        for key, value in overrides.items():
+            if key == "gpus" and value is not None:
+                value = [g if isinstance(g, Mapping) else {"id": g} for g in value]
+            host[key] = value
+        data = {"host": host, "defaults": self.defaults.model_dump(),
+                "models": {n: m.model_dump(exclude={"name"}, exclude_defaults=True)
+                           for n, m in self.models.items()}}
+        return build_registry(data, source=f"{self.source} (with host overrides)")
+
     # Resolved values: a model's own setting, else the registry default.
     def image(self, model: ModelSpec) -> str:
         return model.image or self.defaults.image

@@ -221,3 +221,15 @@ def test_remote_replicas_as_a_url_list() -> None:
         'url = "http://127.0.0.1:18001/"', 'url = ["http://a:1", "http://a:1"]')))
     assert any("replicas" in p for p in problems(GOOD.replace(
         'served_model_name = "tiny"', 'served_model_name = "tiny"\nreplicas = 2')))
+
+
+def test_host_overrides_are_validated_like_the_file() -> None:
+    reg = parse_registry(GOOD)
+    one = reg.with_host(cpus=1, gpus=[0, 1])
+    assert one.host.cpus == 1 and [g.id for g in one.host.gpus] == [0, 1]
+    assert one.models == reg.models and reg.host.cpus == 16
+    with pytest.raises(RegistryError) as info:
+        reg.with_host(gpus=[0])  # model 'big' uses GPU 1
+    assert "GPU 1 is not in [host].gpus" in str(info.value)
+    with pytest.raises(RegistryError):
+        reg.with_host(cpus=0)
