@@ -27,8 +27,8 @@ images: docker venv
 vllm-image: images
 	@bash scripts/build-vllm-image.sh
 
-models: venv
-	@bash scripts/make-models.sh
+models: vllm-image
+	@$(PY) scripts/make_tiny_models.py
 
 test: venv docker images vllm-image models
 	$(PYTEST)

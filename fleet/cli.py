@@ -59,6 +59,10 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
                    help="registry file (default: $FLEET_REGISTRY, else ./models.toml)")
     p.add_argument("--docker-host", metavar="URL", default=default,
                    help="Docker daemon (default: $DOCKER_HOST, else the local socket)")
+    p.add_argument("--host-cpus", metavar="N", type=int, default=default,
+                   help="override [host].cpus, the cores the planner budgets")
+    p.add_argument("--host-gpus", metavar="IDS", default=default,
+                   help="override [host].gpus with these ids, e.g. 0,1")
     return p
 
 
@@ -303,6 +307,19 @@ def _run_fleet_command(fleet: Fleet, args: argparse.Namespace, out: TextIO, err:
     return EXIT_OK
 
 
+def _with_host_overrides(registry: Registry, args: argparse.Namespace) -> Registry:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "host_cpus", None) is not None:
+        overrides["cpus"] = args.host_cpus
+    if getattr(args, "host_gpus", None) is not None:
+        try:
+            overrides["gpus"] = [int(g) for g in args.host_gpus.split(",") if g.strip()]
+        except ValueError:
+            raise RegistryError("--host-gpus", [f"{args.host_gpus!r} is not a comma-separated "
+                                                f"list of GPU ids, e.g. 0,1"]) from None
+    return registry.with_host(**overrides) if overrides else registry
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -322,7 +339,7 @@ def main(
         print(message, file=err, flush=True)
 
     try:
-        registry = load_registry(registry_path(args.registry))
+        registry = _with_host_overrides(load_registry(registry_path(args.registry)), args)
         if args.command == "check":
             return _cmd_check(registry, args, out, err)
         if args.command == "compose":

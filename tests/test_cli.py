@@ -233,3 +233,13 @@ def test_scale_status_and_logs_of_replicas(cli, world, tmp_path: Path) -> None: 
     assert cli("up", registry=path).code == 0   # pool beside auto: 0.6 + 0.2
     r = cli("scale", "auto", "3", registry=path)
     assert r.code == 1 and "[gpu-overcommit]" in r.err
+
+
+def test_host_inventory_overridden_by_flags(cli) -> None:  # type: ignore[no-untyped-def]
+    assert cli("check").code == 0
+    r = cli("check", "--host-gpus", "5")  # the registry's models use GPU 0
+    assert r.code == 2 and "is not in [host].gpus" in r.err
+    r = cli("--host-gpus", "0,x", "check")
+    assert r.code == 2 and "'0,x' is not a comma-separated list of GPU ids" in r.err
+    r = cli("--host-cpus", "0", "check")
+    assert r.code == 2 and "cpus" in r.err
