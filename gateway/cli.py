@@ -12,6 +12,7 @@ from fleet.registry import Registry, RegistryError, load_registry
 from gateway.activation import FleetPort
 from gateway.app import FleetFactory, create_app
 from gateway.settings import GatewaySettings
+from gateway.upstream import aiohttp_available
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", help="registry file (FLEET_REGISTRY, default ./models.toml)")
     parser.add_argument("--upstream-host", help="host of managed models; 'service' in compose")
     parser.add_argument("--log-level", help="uvicorn log level (default info)")
+    parser.add_argument("--upstream-client", choices=("aiohttp", "httpx"),
+                        help="client to the models (GATEWAY_UPSTREAM_CLIENT; default aiohttp "
+                             "when installed, else httpx)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if "upstream_client" not in settings.model_fields_set and aiohttp_available():
+        settings = settings.model_copy(update={"upstream_client": "aiohttp"})
     try:
         registry = load_registry(settings.registry)
     except RegistryError as exc:
@@ -39,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(registry, settings, fleet_factory=_fleet_factory(registry, settings))
     print(f"gateway: serving {len(registry.models)} model(s) from {registry.source} on "
-          f"http://{settings.host}:{settings.port}", file=sys.stderr)
+          f"http://{settings.host}:{settings.port} (upstream client {settings.upstream_client})",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.access_log, loop="auto", http="auto",
                 timeout_graceful_shutdown=30)
