@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := REQUIRE_ALL_TIERS=1 $(PY) -m pytest
 
-.PHONY: demo test unit venv docker images vllm-image models clean-containers
+.PHONY: demo demo-down test unit venv docker images vllm-image models
 
 $(VENV)/.installed: pyproject.toml
 	@echo "== python env: $(VENV) (project + test dependencies)" >&2
@@ -39,5 +39,5 @@ unit: venv
 demo: venv docker images vllm-image models
 	@bash scripts/demo.sh
 
-clean-containers:
-	@bash scripts/clean.sh
+demo-down:
+	@bash scripts/demo-down.sh
