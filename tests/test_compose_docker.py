@@ -120,3 +120,20 @@ def test_cpu_registry_resolves_like_the_fleet_spec(tmp_path: Path) -> None:
     assert gateway["depends_on"]["vllm-tiny"]["condition"] == "service_healthy"
     on_demand = _resolved(tmp_path, text, CPU_REGISTRY, "--profile", "on-demand")
     assert on_demand["services"]["vllm-other"]["container_name"] == specs["other"].name
+
+
+def test_autoscale_slots_start_only_with_their_profile(tmp_path: Path) -> None:
+    text_registry = CPU_REGISTRY.replace(
+        "[models.other]", "[models.auto]\nsource = \"org/auto\"\nport = 18110\n"
+        "max_replicas = 2\ntarget_ongoing_requests = 4\n\n[models.other]").replace(
+        "cpus = 2\n", "cpus = 4\n", 1)
+    registry = parse_registry(text_registry)
+    text = render_compose(registry)
+    default = _resolved(tmp_path, text, text_registry)
+    assert set(default["services"]) == {"vllm-tiny", "vllm-auto", "gateway"}
+    scaled = _resolved(tmp_path, text, text_registry, "--profile", "autoscale")
+    r1 = scaled["services"]["vllm-auto-r1"]
+    assert r1["container_name"] == "vllm-fleet-auto-r1"
+    assert r1["labels"]["io.vllm-fleet.replica"] == "1"
+    assert r1["ports"][0]["target"] == 18111 and str(r1["ports"][0]["published"]) == "18111"
+    assert r1["cpuset"] != scaled["services"]["vllm-auto"]["cpuset"]

@@ -112,6 +112,10 @@ class FleetRun:
     def status(self) -> dict[str, dict[str, Any]]:
         return {row["name"]: row for row in json.loads(self.ok("status", "--json").stdout)}
 
+    def status_rows(self) -> list[dict[str, Any]]:
+        """`fleet status --json`: one row per replica."""
+        return list(json.loads(self.ok("status", "--json").stdout))
+
     def states(self) -> dict[str, str]:
         return {name: row["state"] for name, row in self.status().items()}
 
@@ -300,6 +304,74 @@ def test_port_in_use_and_foreign_container_name_are_explained(
     assert f"container name '{name}' is already in use by container" in r.stderr
     assert "which vllm-fleet does not manage" in r.stderr and f"docker rm -f {name}" in r.stderr
     docker_cli("rm", "-f", name)
+
+
+def consecutive_free_ports(n: int, attempts: int = 50) -> int:
+    """A port p such that p .. p+n-1 were all free on 127.0.0.1 when asked."""
+    for _ in range(attempts):
+        (base,) = free_ports(1)
+        if base + n > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found in {attempts} attempts")
+
+
+def test_a_model_with_two_replicas_is_two_containers_on_two_ports(
+        make_fleet: Callable[..., FleetRun], docker_ready: DockerSession) -> None:
+    port = consecutive_free_ports(2)
+    fleet = make_fleet(f"""
+[host]
+cpus = 2
+gateway_cpus = 0
+
+[defaults]
+image = "{docker_ready.sim_image}"
+hf_cache = ""
+ipc_host = false
+shm_size = "64m"
+health_timeout = 30
+cpus = 1
+
+[models.sim-pair]
+source = "sim/pair"
+port = {port}
+replicas = 2
+""")
+    r = fleet.ok("up")
+    print(f"\nup of 2 replicas: {timings(r.stderr, 'up')}")
+    names = [f"{fleet.prefix}-sim-pair", f"{fleet.prefix}-sim-pair-r1"]
+    assert fleet.containers() == names
+    rows = json.loads(fleet.ok("status", "--json").stdout)
+    assert [(x["name"], x["replica"], x["port"], x["state"], x["container"]) for x in rows] == [
+        ("sim-pair", 0, port, "healthy", names[0]), ("sim-pair", 1, port + 1, "healthy", names[1])]
+    for i, name in enumerate(names):
+        served = httpx.get(f"http://127.0.0.1:{port + i}/v1/models", timeout=5).json()
+        assert served["data"][0]["id"] == "sim-pair"
+        inspected = json.loads(docker_cli("inspect", name).stdout)[0]
+        assert inspected["Config"]["Labels"]["io.vllm-fleet.replica"] == str(i)
+        assert inspected["HostConfig"]["CpusetCpus"] == str(i)   # each replica its own core
+        assert inspected["State"]["Health"]["Status"] in ("starting", "healthy")
+
+    r = fleet.ok("scale", "sim-pair", "1")
+    assert r.stdout.splitlines()[0] == "sim-pair[1]: stop (scaled to 1)"
+    assert [x["state"] for x in fleet.status_rows()] == ["healthy", "stopped"]
+    r = fleet.ok("scale", "sim-pair", "2")
+    print(f"scale 1 -> 2 (docker start): {timings(r.stderr, 'scale')}")
+    assert [x["state"] for x in fleet.status_rows()] == ["healthy", "healthy"]
+
+    fleet.ok("down")
+    assert fleet.containers() == []
 
 
 def test_concurrent_switches_end_consistent_and_never_over_budget(
