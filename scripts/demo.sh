@@ -68,6 +68,12 @@ print(f"  tiny-a answered {r.choices[0].message.content!r} after the gateway wok
 PYEOF
 step_done
 
+step_begin "fleet up: back to the registry's placement (both models, one core each)"
+# The one-core switch pinned tiny-b to core 0; under the registry's two cores it belongs on
+# core 1, so `fleet up` recreates it there (status would show it as drifted until then).
+fleet up || die "the models did not come back up; see \`fleet --registry $REG logs MODEL\`"
+step_done
+
 step_begin "fleet status"
 fleet status
 step_done
