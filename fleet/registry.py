@@ -18,7 +18,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -318,6 +318,48 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
     except (OSError, UnicodeDecodeError) as exc:
         raise RegistryError(source, [f"cannot read the file: {exc}"]) from None
     return parse_registry(text, source=source, fmt="json" if p.suffix == ".json" else "toml")
+
+
+REGISTRY_JSON_ENV = "FLEET_REGISTRY_JSON"
+
+
+def load_registry_from_env(path: str | os.PathLike[str] | None = None,
+                           environ: Mapping[str, str] | None = None) -> Registry:
+    """The registry by precedence: `path` (e.g. a --registry flag) > $FLEET_REGISTRY_JSON (the
+    registry itself, as JSON) > $FLEET_REGISTRY (a file) > $MODEL_ID (a one-model registry:
+    $MODEL_URL routes to an already running server, else the fleet runs it on $MODEL_PORT,
+    default 8001) > ./models.toml."""
+    env = os.environ if environ is None else environ
+    if path:
+        return load_registry(path)
+    text = env.get(REGISTRY_JSON_ENV, "")
+    if text.strip():
+        return parse_registry(text, source=f"${REGISTRY_JSON_ENV}", fmt="json")
+    if env.get(REGISTRY_ENV):
+        return load_registry(env[REGISTRY_ENV])
+    if env.get("MODEL_ID", "").strip():
+        return single_model_registry(env["MODEL_ID"].strip(), url=env.get("MODEL_URL") or None,
+                                     port=env.get("MODEL_PORT") or None)
+    return load_registry(DEFAULT_REGISTRY_PATH)
+
+
+def single_model_registry(model_id: str, *, url: str | None = None,
+                          port: str | int | None = None) -> Registry:
+    """One model named after the last part of `model_id` (lowercased), with `model_id` as an
+    alias: routed to `url` (which serves `model_id`), else run by the fleet on `port`."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", model_id.rstrip("/").rsplit("/", 1)[-1].lower())
+    name = name.lstrip("._-")[:63] or "model"
+    spec: dict[str, Any] = {}
+    if model_id != name and _ALIAS_RE.match(model_id):
+        spec["aliases"] = [model_id]
+    if url:
+        spec.update(url=url, served_model_name=model_id)
+    else:
+        try:
+            spec.update(source=model_id, port=int(port) if port is not None else 8001)
+        except ValueError:
+            raise RegistryError("$MODEL_ID", [f"MODEL_PORT: {port!r} is not a port number"]) from None
+    return build_registry({"models": {name: spec}}, source="$MODEL_ID")
 
 
 def parse_registry(text: str, source: str = DEFAULT_REGISTRY_PATH, fmt: str = "toml") -> Registry:
