@@ -125,6 +125,8 @@ class ModelSpec(_Strict):
     min_replicas: int | None = Field(default=None, ge=0, le=64)
     max_replicas: int | None = Field(default=None, ge=1, le=64)
     target_ongoing_requests: float | None = Field(default=None, gt=0)
+    upscale_delay: float = Field(default=30.0, ge=0, description="seconds of load before +1")
+    downscale_delay: float = Field(default=600.0, ge=0, description="idle seconds before -1")
     # Serving limits and timeouts (the gateway's), and idle time-to-live (the fleet's).
     max_concurrency: int | None = Field(default=None, ge=1, description="in flight per model")
     max_queue: int = Field(default=64, ge=0, description="waiting beyond max_concurrency")

@@ -22,6 +22,7 @@ class Instance:
     outstanding: int = 0
     ejected_until: float = 0.0
     failures: int = 0              # consecutive failures (back-off grows with them)
+    draining: bool = False         # being retired (autoscaling): no new requests
     last_error: str = ""
     meta: dict[str, object] = field(default_factory=dict)
 
@@ -44,7 +45,7 @@ class Balancer:
         When every replica not excluded is ejected, the one whose back-off ends first is
         returned, so a model with one flaky replica still gets tried rather than refused.
         """
-        candidates = [i for i in instances if i not in exclude]
+        candidates = [i for i in instances if i not in exclude and not i.draining]
         if not candidates:
             return None
         ready = [i for i in candidates if self.available(i)]

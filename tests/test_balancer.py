@@ -51,3 +51,12 @@ def test_all_ejected_tries_the_one_back_soonest() -> None:
     clock.now += 0.5
     b.eject(r[0], "y")
     assert b.pick(r) is r[1]
+
+
+def test_draining_replicas_get_no_new_requests() -> None:
+    b, r = Balancer(Clock()), replicas(2)
+    r[1].draining = True
+    r[0].outstanding = 10
+    assert b.pick(r) is r[0]
+    r[0].draining = True
+    assert b.pick(r) is None
