@@ -16,6 +16,11 @@ from gateway import errors
 try:  # orjson is several times faster on large chat bodies; json is the fallback.
     import orjson
 
+    if tuple(int(p) for p in re.findall(r"\d+", orjson.__version__)[:3]) < (3, 9, 15):
+        # Older orjson overflows the C stack on deeply nested input (CVE-2024-27454): one
+        # 2 MB body of brackets would kill the gateway process.
+        raise ImportError("orjson < 3.9.15 is unsafe on untrusted input")
+
     def _loads(data: bytes) -> Any:
         return orjson.loads(data)
 
@@ -23,14 +28,15 @@ try:  # orjson is several times faster on large chat bodies; json is the fallbac
         return orjson.dumps(obj)
 
     _DecodeError: tuple[type[Exception], ...] = (orjson.JSONDecodeError,)
-except ImportError:  # pragma: no cover - exercised only without orjson
+except ImportError:  # pragma: no cover - exercised without orjson (or with an unsafe one)
     def _loads(data: bytes) -> Any:
         return json.loads(data)
 
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    def _dumps(obj: Any) -> bytes:  # ASCII escapes keep lone surrogates ("\ud800") encodable
+        return json.dumps(obj, separators=(",", ":")).encode()
 
-    _DecodeError = (json.JSONDecodeError, UnicodeDecodeError)
+    # ValueError: bad JSON or UTF-8, integers beyond int_max_str_digits; RecursionError: nesting.
+    _DecodeError = (ValueError, RecursionError)
 
 _BOUNDARY_RE = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _NAME_MODEL_RE = re.compile(rb'content-disposition:[^\r\n]*;\s*name="?model"?(?:[;\s\r]|$)',
@@ -69,7 +75,10 @@ def parse(body: bytes, content_type: str) -> ParsedBody:
 def with_model(parsed: ParsedBody, body: bytes, model: str) -> bytes:
     """`body` with its model field set to `model` (only called when it must change)."""
     if parsed.kind == "json" and parsed.data is not None:
-        return _dumps({**parsed.data, "model": model})
+        try:
+            return _dumps({**parsed.data, "model": model})
+        except (TypeError, ValueError, RecursionError):  # nested deeper than the encoder goes
+            raise errors.body_not_reencodable(model) from None
     if parsed.kind == "empty":
         return _dumps({"model": model})
     if parsed.kind == "multipart" and parsed.boundary is not None:

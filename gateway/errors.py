@@ -62,7 +62,10 @@ def error_body(status: int, message: str, *, param: str | None = None,
                err_type: str | None = None) -> bytes:
     payload = {"error": {"message": message, "type": err_type or _TYPES.get(status, "Error"),
                          "param": param, "code": status}}
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate from the request, e.g. a model "\ud800"
+        return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def sse_error_event(status: int, message: str) -> bytes:
@@ -104,6 +107,13 @@ def not_an_object() -> GatewayError:
 
 def invalid_multipart(detail: str) -> GatewayError:
     return GatewayError(400, f"The multipart form could not be read: {detail}.", param="body")
+
+
+def body_not_reencodable(model: str) -> GatewayError:
+    return GatewayError(400, f"The request body is nested too deeply for the gateway to set its "
+                             f"`model` to `{model}`. Flatten the body, or send it to the model "
+                             f"under the name it serves (then it passes unchanged).",
+                        param="body")
 
 
 def body_too_large(limit: int) -> GatewayError:

@@ -20,9 +20,13 @@ import httpx
 
 T = TypeVar("T")
 
-# The simulator marks every answer with `vary: Origin` (as vLLM's CORS middleware does); the
-# gateway never sets `vary` itself, so the header tells a relayed answer from the gateway's own.
+# The simulator marks every answer of its app with `vary: Origin` (as vLLM's CORS middleware
+# does); the gateway never sets `vary` itself, so the header tells a relayed answer from the
+# gateway's own. When the simulator's app fails, its server (uvicorn) answers a bare text 500:
+# the gateway's app never answers that (its own failures are JSON), so with the gateway's
+# x-request-id on it, it was relayed.
 UPSTREAM_MARK = ("vary", "Origin")
+SERVER_500 = b"Internal Server Error"
 # uvicorn's HTTP parser refuses a malformed request before any application code runs.
 SERVER_PARSER_REJECTION = b"Invalid HTTP request received."
 ERROR_KEYS = ["message", "type", "param", "code"]
@@ -85,21 +89,26 @@ def registry_for(**servers: Any) -> str:
 
 
 # -- judging answers --------------------------------------------------------------------------
-def from_upstream(headers: Mapping[str, str]) -> bool:
-    return headers.get(UPSTREAM_MARK[0]) == UPSTREAM_MARK[1]
+def from_upstream(status: int, headers: Mapping[str, str], body: bytes) -> bool:
+    if headers.get(UPSTREAM_MARK[0]) == UPSTREAM_MARK[1]:
+        return True
+    return (status == 500 and body == SERVER_500 and "x-request-id" in headers
+            and headers.get("content-type", "").startswith("text/plain"))
 
 
-def judge(status: int, headers: Mapping[str, str], body: bytes) -> str | None:
+def judge(status: int, headers: Mapping[str, str], body: bytes, head: bool = False) -> str | None:
     """None if the answer is acceptable for any input, else what is wrong with it.
 
     Relayed upstream answers may have any status (an upstream 5xx passes through). The
-    gateway's own answers never have a 5xx status (the upstream is healthy in these tests),
+    gateway's own answers (to `head`: a HEAD request, bodies may be empty) never have a 5xx status (the upstream is healthy in these tests),
     are JSON, and errors have vLLM's shape with `code` equal to the status.
     """
-    if from_upstream(headers):
+    if from_upstream(status, headers, body):
         return None
     if status >= 500:
         return f"the gateway itself answered {status}: {body[:300]!r}"
+    if head and not body:
+        return None  # HEAD: headers only
     if not headers.get("content-type", "").startswith("application/json"):
         return f"gateway answer {status} is not JSON: {headers.get('content-type')!r} {body[:200]!r}"
     try:
