@@ -233,3 +233,32 @@ def test_host_overrides_are_validated_like_the_file() -> None:
     assert "GPU 1 is not in [host].gpus" in str(info.value)
     with pytest.raises(RegistryError):
         reg.with_host(cpus=0)
+
+
+def test_registry_from_env_by_precedence(tmp_path: Path) -> None:
+    from fleet.registry import load_registry_from_env
+
+    file = tmp_path / "m.toml"
+    file.write_text('[models.from-file]\nurl = "http://127.0.0.1:9"\n')
+    flag = tmp_path / "flag.toml"
+    flag.write_text('[models.from-flag]\nurl = "http://127.0.0.1:9"\n')
+    as_json = '{"models": {"from-json": {"url": "http://127.0.0.1:9"}}}'
+    env = {"FLEET_REGISTRY_JSON": as_json, "FLEET_REGISTRY": str(file), "MODEL_ID": "Org/Tiny-1B"}
+    assert list(load_registry_from_env(flag, env).models) == ["from-flag"]
+    reg = load_registry_from_env(None, env)
+    assert list(reg.models) == ["from-json"] and reg.source == "$FLEET_REGISTRY_JSON"
+    assert list(load_registry_from_env(None, {**env, "FLEET_REGISTRY_JSON": ""}).models) == [
+        "from-file"]
+    one = load_registry_from_env(None, {"MODEL_ID": "Org/Tiny-1B"}).models["tiny-1b"]
+    assert (one.source, one.port, one.aliases) == ("Org/Tiny-1B", 8001, ("Org/Tiny-1B",))
+    remote = load_registry_from_env(None, {"MODEL_ID": "Org/Tiny-1B", "MODEL_PORT": "9000",
+                                           "MODEL_URL": "http://127.0.0.1:9000"})
+    spec = remote.models["tiny-1b"]
+    assert spec.urls == ("http://127.0.0.1:9000",) and spec.upstream_model == "Org/Tiny-1B"
+    assert load_registry_from_env(None, {"MODEL_ID": "m", "MODEL_PORT": "8123"}).models["m"].port \
+        == 8123
+    with pytest.raises(RegistryError) as info:
+        load_registry_from_env(None, {"FLEET_REGISTRY_JSON": '{"models": {"a": {"prot": 1}}}'})
+    assert info.value.source == "$FLEET_REGISTRY_JSON" and "'prot'" in str(info.value)
+    with pytest.raises(RegistryError, match="MODEL_PORT"):
+        load_registry_from_env(None, {"MODEL_ID": "m", "MODEL_PORT": "x"})
