@@ -3,6 +3,11 @@
 Request path: find the model (body field, multipart field or /{model}/ prefix) -> resolve
 name or alias -> the instance's pooled client -> relay the upstream response as it arrives.
 Every failure the gateway itself answers goes through `gateway.errors` (vLLM's error shape).
+
+Around it (one module each): access keys and the per-model allow-list (`gateway.auth`, a
+middleware plus one check once the model is known), Prometheus metrics (`gateway.metrics`,
+O(1) per request), access lines (`gateway.logs`), the admin endpoints (`gateway.admin`),
+hot reload of the registry (`gateway.reload`), and `POST /v1/infer` (`gateway.compat`).
 """
 
 from __future__ import annotations
@@ -11,26 +16,33 @@ import asyncio
 import contextlib
 import functools
 import logging
+import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 from starlette.types import Receive, Scope, Send
 
-from fleet.registry import Registry
+from fleet.registry import Registry, load_registry_from_env
+from gateway import auth, compat, logs
 from gateway import body as bodies
 from gateway import errors
+from gateway.admin import Admin
 from gateway.activation import Activator, FleetPort, idle_loop
 from gateway.balancer import Balancer, Instance
 from gateway.limits import Admission
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import GatewayMetrics, MeteredFleet
 from gateway.relay import RelayResponse
+from gateway.reload import Reloader
 from gateway.routing import Route, RoutingTable
 from gateway.settings import GatewaySettings
 from gateway.upstream import TransportFactory, Upstreams, map_failure
@@ -48,11 +60,18 @@ MODEL_ENDPOINTS: tuple[str, ...] = (
 INSTANCE_GET_ENDPOINTS: tuple[str, ...] = ("/health", "/v1/models", "/version", "/load")
 
 class FleetFactory(Protocol):
-    """Builds the fleet client, given the gateway's busy(model) and last_used(model)."""
+    """Builds the fleet client, given the gateway's busy(model) and last_used(model).
+
+    A factory may also have `for_registry(registry) -> FleetFactory` (the CLI's does): a
+    registry reload then rebuilds the fleet client for the new registry. Without it the fleet
+    client built at start is kept across reloads.
+    """
 
     def __call__(self, busy: Callable[[str], bool],
                  last_used: Callable[[str], float]) -> FleetPort: ...
 
+
+_POST_ONLY = frozenset((*MODEL_ENDPOINTS, "/v1/infer"))
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host",
         "content-length", "proxy-connection", "proxy-authorization", "expect"}
@@ -64,9 +83,14 @@ class Gateway:
     def __init__(self, registry: Registry, settings: GatewaySettings,
                  transport_factory: TransportFactory | None = None,
                  fleet_factory: FleetFactory | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 access: auth.Access | None = None) -> None:
         self.settings = settings
         self.clock = clock
+        self.access = access or auth.Access(auth.KeyRing(), auth.KeyRing())
+        self.metrics = GatewayMetrics(self)
+        self.reloader: Reloader | None = None
+        self.reload_on_sighup = False
         self.upstreams = Upstreams(settings, transport_factory)
         self.balancer = Balancer(clock)
         self.started = int(time.time())
@@ -76,11 +100,10 @@ class Gateway:
         self.ttl: dict[str, float] = {}
         self.apply(registry)
         self.activator: Activator | None = None
-        if fleet_factory is not None and settings.activation:
-            fleet = fleet_factory(self.busy, self.last_used)
-            self.activator = Activator(fleet, timeout=settings.activation_timeout,
-                                       retry_after=settings.retry_after)
+        self.fleet_factory = fleet_factory
         self._tasks: list[asyncio.Task[None]] = []
+        self._idle_task: asyncio.Task[None] | None = None
+        self.open_fleet(registry)
 
     def apply(self, registry: Registry) -> None:
         """Route by `registry` from now on; replicas and counters of kept models carry over."""
@@ -108,6 +131,36 @@ class Gateway:
             table, instances, admission, timeouts)
         self.ttl = {n: m.ttl for n, m in registry.models.items() if m.ttl and m.managed}
 
+    def open_fleet(self, registry: Registry, *, reload: bool = False) -> None:
+        """Build (or, on reload, rebuild for `registry`) the fleet client activations use.
+
+        Only once the registry has a managed model: a registry of remote servers never
+        touches the fleet. The client is wrapped to meter activations, evictions and sleeps.
+        """
+        factory = self.fleet_factory
+        if factory is None or not self.settings.activation:
+            return
+        if reload:
+            rebuild = getattr(factory, "for_registry", None)
+            if rebuild is not None:
+                factory = self.fleet_factory = rebuild(registry)
+            elif self.activator is not None:
+                return  # a factory bound to its registry: keep its client
+        if self.activator is None and not any(m.managed for m in registry.models.values()):
+            return
+        fleet = MeteredFleet(factory(self.busy, self.last_used), self.metrics)
+        if self.activator is None:
+            self.activator = Activator(fleet, timeout=self.settings.activation_timeout,
+                                       retry_after=self.settings.retry_after)
+            if self._tasks:  # serving already (a reload added the first managed model)
+                self._start_idle_loop()
+        else:
+            self.activator.fleet = fleet
+
+    def asleep(self) -> set[str]:
+        """Models the gateway put to sleep (idle ttl, admin)."""
+        return self.activator.asleep if self.activator is not None else set()
+
     # -- figures the fleet and the idle loop read (from worker threads too) ----------------
     def busy(self, model: str) -> bool:
         adm = self.admission.get(model)
@@ -128,16 +181,35 @@ class Gateway:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._probe_loop())]
-        if self.activator is not None and self.ttl:
-            self._tasks.append(loop.create_task(idle_loop(
-                self.activator, self.ttl, self.idle_for, self.settings.idle_check_interval)))
+        self._start_idle_loop()
+        sighup = self.reload_on_sighup and self.reloader is not None
+        if sighup:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             yield
         finally:
+            if sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks, self._idle_task = [], None
             await self.upstreams.aclose()
+
+    def _start_idle_loop(self) -> None:
+        """Idle ttl: one loop over the current registry's ttl (reloads included)."""
+        if self.activator is None or self._idle_task is not None:
+            return
+        self._idle_task = asyncio.get_running_loop().create_task(idle_loop(
+            self.activator, _CurrentTtl(self), self.idle_for,  # type: ignore[arg-type]
+            self.settings.idle_check_interval))
+        self._tasks.append(self._idle_task)
+
+    def _on_sighup(self) -> None:
+        assert self.reloader is not None
+        log.info("SIGHUP: reloading the registry")
+        self._tasks.append(asyncio.get_running_loop().create_task(
+            self.reloader.reload_quietly()))
 
     async def _probe_loop(self) -> None:
         """Bring ejected replicas back once their /health answers 200."""
@@ -152,8 +224,17 @@ class Gateway:
     async def health(self, request: Request) -> Response:
         return _json(request, {"status": "ok", "models": len(self.table.routes)})
 
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    async def infer(self, request: Request) -> Response:
+        request.state.started = time.perf_counter()
+        return await compat.infer(self, request)
+
     async def list_models(self, request: Request) -> Response:
-        routes = list(self.table.routes.values())
+        principal = getattr(request.state, "principal", None)
+        routes = [r for r in self.table.routes.values()
+                  if principal is None or principal.may_use(r.model, self._aliases(r.model))]
         states = await asyncio.gather(*(self._probe(r) for r in routes))
         data = [self._model_card(r, s) for r, s in zip(routes, states, strict=True)]
         return _json(request, {"object": "list", "data": data})
@@ -163,17 +244,21 @@ class Gateway:
         route = self.table.resolve(requested)
         if route is None:
             raise errors.unknown_model(requested, self.table.names())
+        auth.authorize(getattr(request.state, "principal", None), route.model,
+                       self._aliases(route.model))
         return _json(request, self._model_card(route, await self._probe(route)))
 
     async def by_body(self, request: Request) -> Response:
+        request.state.started = time.perf_counter()
         return await self._forward(request, request.url.path, prefix_route=None)
 
     async def by_prefix(self, request: Request) -> Response:
+        request.state.started = time.perf_counter()
         requested = request.path_params["model"]
         path = "/" + request.path_params["rest"]
         known_path = path in MODEL_ENDPOINTS or path in INSTANCE_GET_ENDPOINTS
         route = self.table.resolve(requested)
-        if request.url.path in MODEL_ENDPOINTS:  # e.g. GET /v1/chat/completions
+        if request.url.path in _POST_ONLY:  # e.g. GET /v1/chat/completions
             raise errors.method_not_allowed(request.method, request.url.path)
         if route is None:
             if not known_path or requested in ("v1", "v2"):
@@ -211,16 +296,88 @@ class Gateway:
 
     async def _send(self, request: Request, route: Route, method: str, path: str,
                     payload: bytes, *, admit: bool = True) -> Response:
-        admission = self.admission[route.model]
-        if not admit:
-            return await self._dispatch(request, route, method, path, payload, activate=False)
-        await admission.acquire()
+        """Check the key's allow-list, take a slot, dispatch; meter the request once, when
+        its response has been sent (or it failed)."""
+        state = request.state
+        started: float = getattr(state, "started", None) or time.perf_counter()
+        state.metered = True
+        model = route.model
+        release: Callable[[], None] | None = None
         try:
-            response = await self._dispatch(request, route, method, path, payload)
-        except BaseException:
-            admission.release()
+            auth.authorize(getattr(state, "principal", None), model, self._aliases(model))
+            if not admit:
+                response = await self._dispatch(request, route, method, path, payload,
+                                                activate=False)
+            else:
+                admission = self.admission[model]
+                await admission.acquire()
+                try:
+                    response = await self._dispatch(request, route, method, path, payload)
+                except BaseException:
+                    admission.release()
+                    raise
+                release = admission.release
+        except errors.GatewayError as exc:
+            self._finished(request, model, exc.status, started)
             raise
-        return _Finally(response, admission.release)
+        except Exception:
+            self._finished(request, model, 500, started)
+            raise
+        return _Finally(response, functools.partial(
+            self._response_sent, request, model, response.status_code, started, release))
+
+    def _response_sent(self, request: Request, model: str, status: int, started: float,
+                       release: Callable[[], None] | None) -> None:
+        if release is not None:
+            release()
+        self._finished(request, model, status, started)
+
+    def _finished(self, request: Request, model: str, status: int, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.request_done(model, status, seconds)
+        if self.settings.access_log:
+            logs.access_line({
+                "request_id": _request_id(request), "method": request.method,
+                "path": request.url.path, "model": model, "status": status,
+                "duration_ms": round(seconds * 1000, 1),
+                "key": getattr(getattr(request.state, "principal", None), "name", None)})
+
+    def _first_chunk(self, model: str, started: float) -> None:
+        self.metrics.first_chunk(model, time.perf_counter() - started)
+
+    def _aliases(self, model: str) -> tuple[str, ...]:
+        spec = self.table.registry.models.get(model)
+        return spec.aliases if spec is not None else ()
+
+    def rejected(self, scope: Scope, status: int) -> None:
+        """A request answered before it reached a model (401, 400, 404...): metered, logged."""
+        state = scope.get("state", {})
+        if state.get("metered"):
+            return
+        state["metered"] = True
+        self.metrics.rejected_request(status)
+        if self.settings.access_log:
+            logs.access_line({"request_id": state.get("request_id", "-"),
+                              "method": scope.get("method"), "path": scope.get("path"),
+                              "model": None, "status": status})
+
+    def logged(self, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        """`handler` (a route answering small JSON) with an access line, when they are on."""
+        if not self.settings.access_log:
+            return handler
+
+        @functools.wraps(handler)
+        async def wrapper(request: Request) -> Response:
+            started = time.perf_counter()
+            response: Response = await handler(request)
+            request.state.metered = True
+            logs.access_line({"request_id": _request_id(request), "method": request.method,
+                              "path": request.url.path, "model": None,
+                              "status": response.status_code,
+                              "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
+            return response
+
+        return wrapper
 
     async def _dispatch(self, request: Request, route: Route, method: str, path: str,
                         payload: bytes, *, activate: bool = True) -> Response:
@@ -257,6 +414,7 @@ class Gateway:
                 upstream = await client.send(upstream_request, stream=True)
             except httpx.HTTPError as exc:
                 inst.outstanding -= 1
+                self.metrics.upstream_error(route.model, type(exc).__name__)
                 failure = map_failure(exc, route.model, inst.base_url, self.settings)
                 if not isinstance(exc, _RETRYABLE):
                     raise failure from None
@@ -269,6 +427,11 @@ class Gateway:
             if inst.failures:
                 self.balancer.restore(inst)
             relay = RelayResponse(upstream, route.model, request_id, self.settings.retry_after)
+            relay.on_broken = functools.partial(self.metrics.upstream_error, route.model,
+                                                "broken_stream")
+            started = getattr(request.state, "started", None)
+            if relay.is_event_stream and started is not None:  # time to first token
+                relay.on_first_chunk = functools.partial(self._first_chunk, route.model, started)
             return _Finally(relay, functools.partial(_decrement, inst))
 
     async def _read_body(self, request: Request) -> bytes:
@@ -334,6 +497,25 @@ class Gateway:
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
+class _CurrentTtl(Mapping[str, float]):
+    """The idle loop's view of the ttl of the registry in force (it changes on reload)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def __getitem__(self, model: str) -> float:
+        return self._gateway.ttl[model]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._gateway.ttl))
+
+    def __len__(self) -> int:
+        return len(self._gateway.ttl)
+
+    def items(self) -> list[tuple[str, float]]:  # type: ignore[override]
+        return list(self._gateway.ttl.items())
+
+
 def _decrement(inst: Instance) -> None:
     inst.outstanding -= 1
 
@@ -359,18 +541,35 @@ class _Finally(Response):
 
 def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
                transport_factory: TransportFactory | None = None,
-               fleet_factory: FleetFactory | None = None) -> Starlette:
+               fleet_factory: FleetFactory | None = None,
+               registry_loader: Callable[[], Registry] | None = None,
+               reload_on_sighup: bool = False) -> Starlette:
     """Build the gateway for `registry`.
 
     `transport_factory(base_url)` swaps the upstream transport (tests); `fleet_factory`
     gives on-demand activation and idle ttl (None: requests for a stopped model get 502).
+    `registry_loader()` reads the registry again on reload (default: `settings.registry`,
+    else FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID > ./models.toml); with
+    `reload_on_sighup` (the CLI), SIGHUP reloads too. Raises `auth.AccessConfigError` when a
+    key setting is unusable.
     """
     settings = settings or GatewaySettings()
-    gw = Gateway(registry, settings, transport_factory, fleet_factory)
+    access = auth.load_access(settings)
+    warning = auth.exposure_warning(settings, access)
+    if warning:
+        log.warning(warning)
+    gw = Gateway(registry, settings, transport_factory, fleet_factory, access=access)
+    gw.reloader = Reloader(gw, registry_loader or functools.partial(
+        load_registry_from_env, settings.registry))
+    gw.reload_on_sighup = reload_on_sighup
+    plain = gw.logged
     routes = [
-        StarletteRoute("/health", gw.health, methods=["GET"]),
-        StarletteRoute("/v1/models", gw.list_models, methods=["GET"]),
-        StarletteRoute("/v1/models/{model_id:path}", gw.get_model, methods=["GET"]),
+        StarletteRoute("/health", plain(gw.health), methods=["GET"]),
+        StarletteRoute("/metrics", plain(gw.metrics_endpoint), methods=["GET"]),
+        StarletteRoute("/v1/models", plain(gw.list_models), methods=["GET"]),
+        StarletteRoute("/v1/models/{model_id:path}", plain(gw.get_model), methods=["GET"]),
+        StarletteRoute("/v1/infer", gw.infer, methods=["POST"]),
+        *Admin(gw).routes(wrap=plain),
         *(StarletteRoute(p, gw.by_body, methods=["POST"]) for p in MODEL_ENDPOINTS),
         StarletteRoute("/{model}/{rest:path}", gw.by_prefix, methods=["GET", "POST"]),
     ]
@@ -380,13 +579,26 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
         Exception: _unexpected_error,
     })
     app.router.redirect_slashes = False  # a redirect would expose routes to path tricks
+    # Outermost last: CORS (answers preflights, decorates every answer) > request id > keys.
+    app.add_middleware(auth.AccessMiddleware, access=access, on_reject=gw.rejected)
     app.add_middleware(_RequestIdMiddleware)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id"])
     app.state.gateway = gw
     return app
 
 
+def _rejected(request: Request, status: int) -> None:
+    gw = getattr(request.app.state, "gateway", None)
+    if gw is not None:
+        gw.rejected(request.scope, status)
+
+
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.GatewayError)
+    _rejected(request, exc.status)
     return exc.response({"x-request-id": _request_id(request)})
 
 
@@ -398,12 +610,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         err = errors.method_not_allowed(request.method, request.url.path)
     else:
         err = errors.GatewayError(exc.status_code, str(exc.detail))
+    _rejected(request, err.status)
     return err.response({"x-request-id": _request_id(request)})
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     request_id = _request_id(request)
     log.error("request %s failed: %r", request_id, exc, exc_info=exc)
+    _rejected(request, 500)
     return errors.internal_error(request_id).response({"x-request-id": request_id})
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import functools
+import os
 import sys
 
 from collections.abc import Callable
 
-from fleet.registry import Registry, RegistryError, load_registry
+from fleet.registry import Registry, RegistryError, load_registry_from_env
 from gateway.activation import FleetPort
-from gateway.app import FleetFactory, create_app
+from gateway.app import create_app
+from gateway.auth import AccessConfigError
+from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
 from gateway.upstream import aiohttp_available
 
@@ -20,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "front of the vllm-fleet models (settings: GATEWAY_* env).")
     parser.add_argument("--host", help="bind address (GATEWAY_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8000)")
-    parser.add_argument("--registry", help="registry file (FLEET_REGISTRY, default ./models.toml)")
+    parser.add_argument("--registry", help="registry file (also GATEWAY_REGISTRY); else "
+                        "FLEET_REGISTRY_JSON, FLEET_REGISTRY, MODEL_ID, ./models.toml")
     parser.add_argument("--upstream-host", help="host of managed models; 'service' in compose")
     parser.add_argument("--log-level", help="uvicorn log level (default info)")
     parser.add_argument("--upstream-client", choices=("aiohttp", "httpx"),
@@ -35,35 +39,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "upstream_client" not in settings.model_fields_set and aiohttp_available():
         settings = settings.model_copy(update={"upstream_client": "aiohttp"})
+    # --registry / GATEWAY_REGISTRY > FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID > ./models.toml
+    load = functools.partial(load_registry_from_env,
+                             args.registry or os.environ.get("GATEWAY_REGISTRY") or None)
     try:
-        registry = load_registry(settings.registry)
+        registry = load()
     except RegistryError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     import uvicorn
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(registry, settings, fleet_factory=_fleet_factory(registry, settings))
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        app = create_app(registry, settings, fleet_factory=_fleet_factory(registry, settings),
+                         registry_loader=load, reload_on_sighup=True)
+    except AccessConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     print(f"gateway: serving {len(registry.models)} model(s) from {registry.source} on "
           f"http://{settings.host}:{settings.port} (upstream client {settings.upstream_client})",
           file=sys.stderr, flush=True)
+    # GATEWAY_ACCESS_LOG: the gateway writes its own lines (with the request id and model).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.access_log, loop="auto", http="auto",
+                access_log=False, loop="auto", http="auto",
                 timeout_graceful_shutdown=30)
     return 0
 
 
 def _fleet_factory(registry: Registry, settings: GatewaySettings) -> FleetFactory | None:
-    """On-demand activation through the fleet's Python API, for registries with managed models."""
-    if not settings.activation or not any(m.managed for m in registry.models.values()):
-        return None
+    """On-demand activation through the fleet's Python API (the app only builds the client
+    once the registry has a managed model; a reload rebuilds it for the new registry)."""
+    return FleetFactory(registry) if settings.activation else None
 
-    def factory(busy: Callable[[str], bool], last_used: Callable[[str], float]) -> FleetPort:
+
+class FleetFactory:
+    """Builds the fleet client for one registry; `for_registry` gives the next one's."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def __call__(self, busy: Callable[[str], bool], last_used: Callable[[str], float]) -> FleetPort:
         from fleet.api import open_fleet  # Docker is reached lazily, on the first activation
 
-        return open_fleet(registry, busy=busy, last_used=last_used)
+        return open_fleet(self.registry, busy=busy, last_used=last_used)
 
-    return factory
+    def for_registry(self, registry: Registry) -> FleetFactory:
+        return FleetFactory(registry)
 
 
 if __name__ == "__main__":  # pragma: no cover

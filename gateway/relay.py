@@ -11,6 +11,7 @@ task group per request cost about a tenth of the gateway's CPU per streamed requ
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import httpx
 from starlette.responses import Response
@@ -45,6 +46,10 @@ class RelayResponse(Response):
         headers.append((b"x-request-id", request_id.encode()))
         self.raw_headers = headers
         self.background = None
+        # Set by the app (metrics): called once after the first body chunk was sent, and
+        # when the upstream fails mid-response. Nothing is checked per chunk.
+        self.on_first_chunk: Callable[[], None] | None = None
+        self.on_broken: Callable[[], None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.current_task()
@@ -67,12 +72,23 @@ class RelayResponse(Response):
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         tail = b"\n\n"
+        chunks = self.upstream.aiter_raw()
         try:
-            async for chunk in self.upstream.aiter_raw():
+            if self.on_first_chunk is not None:
+                async for chunk in chunks:  # up to the first chunk, then the loop below
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk,
+                                    "more_body": True})
+                        tail = chunk[-2:]
+                        self.on_first_chunk()
+                        break
+            async for chunk in chunks:
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     tail = chunk[-2:]
         except httpx.HTTPError as exc:
+            if self.on_broken is not None:
+                self.on_broken()
             if not self.is_event_stream:
                 # Break the connection: a truncated body must not look complete.
                 raise UpstreamBroken(self.model, exc) from exc

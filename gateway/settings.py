@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,7 +43,23 @@ class GatewaySettings(BaseSettings):
     health_timeout: float = Field(default=2.0, gt=0, description="probe timeout for listings")
     retry_after: int = Field(default=5, ge=1, description="Retry-After seconds on 503")
     log_level: str = "info"
-    access_log: bool = False
+    access_log: bool = Field(
+        default=False, description="one structured line per request (request id, model, status, "
+                                   "duration, key name); uvicorn's own access log stays off")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text (key=value fields) or json (one object a line)")
+    # Access (gateway/auth.py): API keys, the admin key, CORS, who may read /metrics.
+    api_keys: SecretStr | None = Field(
+        default=None, description="comma-separated API keys; none configured: the gateway is open")
+    api_keys_file: str | None = Field(
+        default=None, description="TOML/JSON file of [[keys]] key, name, models (allow-list)")
+    admin_key: SecretStr | None = Field(
+        default=None, description="key of the /admin endpoints; without it they answer 403")
+    admin_key_file: str | None = Field(default=None, description="a file holding the admin key")
+    cors_origins: str = Field(
+        default="", description="comma-separated origins allowed by CORS, or *; empty: CORS off")
+    metrics_public: bool = Field(
+        default=True, description="GET /metrics without a key; false: it needs the admin key")
     # On-demand activation through the fleet (managed models only), idle ttl, replica probes.
     activation: bool = Field(default=True, description="wake/start models on demand via the fleet")
     activation_timeout: float = Field(default=600.0, gt=0, description="max wait for a model")
