@@ -641,7 +641,8 @@ class _RequestIdMiddleware:
             for key, value in scope["headers"]:
                 if key == b"x-request-id":
                     candidate = value.decode("latin-1")
-                    if 0 < len(candidate) <= 128 and candidate.isprintable():
+                    if 0 < len(candidate) <= 128 and candidate.isascii() \
+                            and candidate.isprintable():  # echoed unchanged on every path
                         request_id = candidate
                     break
             scope.setdefault("state", {})["request_id"] = request_id or uuid.uuid4().hex
