@@ -109,6 +109,8 @@ def judge(status: int, headers: Mapping[str, str], body: bytes, head: bool = Fal
         return f"the gateway itself answered {status}: {body[:300]!r}"
     if head and not body:
         return None  # HEAD: headers only
+    if status == 200 and headers.get("content-type", "").startswith("text/plain; version="):
+        return None  # GET /metrics: Prometheus' text exposition format, not an error
     if not headers.get("content-type", "").startswith("application/json"):
         return f"gateway answer {status} is not JSON: {headers.get('content-type')!r} {body[:200]!r}"
     try:
