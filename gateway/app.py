@@ -37,6 +37,7 @@ from gateway import body as bodies
 from gateway import errors
 from gateway.admin import Admin
 from gateway.activation import Activator, FleetPort, idle_loop
+from gateway.autoscale import Autoscaler
 from gateway.balancer import Balancer, Instance
 from gateway.limits import Admission
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -103,6 +104,7 @@ class Gateway:
         self.fleet_factory = fleet_factory
         self._tasks: list[asyncio.Task[None]] = []
         self._idle_task: asyncio.Task[None] | None = None
+        self.autoscaler: Autoscaler | None = None
         self.open_fleet(registry)
 
     def apply(self, registry: Registry) -> None:
@@ -130,6 +132,9 @@ class Gateway:
         self.table, self.instances, self.admission, self.timeouts = (
             table, instances, admission, timeouts)
         self.ttl = {n: m.ttl for n, m in registry.models.items() if m.ttl and m.managed}
+        autoscaler = getattr(self, "autoscaler", None)
+        if autoscaler is not None:
+            autoscaler.set_models(registry.models)
 
     def open_fleet(self, registry: Registry, *, reload: bool = False) -> None:
         """Build (or, on reload, rebuild for `registry`) the fleet client activations use.
@@ -182,6 +187,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._probe_loop())]
         self._start_idle_loop()
+        self._start_autoscaler()
         sighup = self.reload_on_sighup and self.reloader is not None
         if sighup:
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -204,6 +210,24 @@ class Gateway:
             self.activator, _CurrentTtl(self), self.idle_for,  # type: ignore[arg-type]
             self.settings.idle_check_interval))
         self._tasks.append(self._idle_task)
+
+    def _start_autoscaler(self) -> None:
+        """Replica autoscaling, when a fleet is configured and a model is autoscaled."""
+        if self.activator is None or self.autoscaler is not None:
+            return
+        models = self.table.registry.models
+        if not any(m.autoscaled and m.managed for m in models.values()):
+            return
+        self.autoscaler = Autoscaler(
+            self.activator.fleet, models, self.load, lambda m: self.instances.get(m, []),
+            clock=self.clock, scale_timeout=self.settings.activation_timeout)
+        self._tasks.append(asyncio.get_running_loop().create_task(
+            self.autoscaler.run(self.settings.autoscale_interval)))
+
+    def load(self, model: str) -> float:
+        """In-flight plus queued requests of `model` (what autoscaling samples)."""
+        adm = self.admission.get(model)
+        return float(adm.in_flight + adm.waiting) if adm is not None else 0.0
 
     def _on_sighup(self) -> None:
         assert self.reloader is not None

@@ -39,16 +39,24 @@ class Autoscaler:
                  *, clock: Callable[[], float] = time.monotonic, drain_timeout: float = 60.0,
                  scale_timeout: float = 600.0) -> None:
         self.fleet = fleet
-        self.models = {n: m for n, m in models.items() if m.autoscaled and m.managed}
+        self.models: dict[str, ModelSpec] = {}
+        self.samples: dict[str, list[Sample]] = {}
+        self.last_change: dict[str, float | None] = {}
+        self.set_models(models)
         self.load = load
         self.replicas = replicas
         self.clock = clock
         self.drain_timeout = drain_timeout
         self.scale_timeout = scale_timeout
-        self.samples: dict[str, list[Sample]] = {n: [] for n in self.models}
-        self.last_change: dict[str, float | None] = {n: None for n in self.models}
         self.current: dict[str, int] = {}
         self.changes: list[tuple[str, int, int]] = []  # (model, from, to), for tests and logs
+
+    def set_models(self, models: Mapping[str, ModelSpec]) -> None:
+        """Autoscale the autoscaled managed models of `models` (a reload keeps the history of
+        models that stay)."""
+        self.models = {n: m for n, m in models.items() if m.autoscaled and m.managed}
+        self.samples = {n: self.samples.get(n, []) for n in self.models}
+        self.last_change = {n: self.last_change.get(n) for n in self.models}
 
     async def step(self) -> None:
         now = self.clock()

@@ -159,3 +159,75 @@ async def test_without_a_fleet_a_stopped_model_is_a_502() -> None:
     async with gateway(reg) as client:
         resp = await chat(client, "m")
         assert resp.status_code == 502 and "fleet up m" in resp.json()["error"]["message"]
+
+
+class ReplicaFleet:
+    """A fleet stand-in whose replicas are simulator processes on the replica ports."""
+
+    def __init__(self, name: str, base_port: int) -> None:
+        self.name, self.base_port = name, base_port
+        self.lock = threading.Lock()
+        self.sims: dict[int, SimServer] = {}
+        self.scaled: list[int] = []
+
+    def _start(self, i: int) -> None:
+        if i not in self.sims:
+            self.sims[i] = start_sim(served_names=(self.name,), port=self.base_port + i,
+                                     itl_ms=50, timeout=30)
+
+    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+        with self.lock:
+            self._start(0)
+
+    def sleep(self, model: str) -> None:
+        self.scale(model, 0)
+
+    def awake_replicas(self, model: str) -> int:
+        return len(self.sims)
+
+    def scale(self, model: str, n: int, *, timeout: float | None = None) -> None:
+        with self.lock:
+            self.scaled.append(n)
+            for i in range(n):
+                self._start(i)
+            for i in sorted(self.sims, reverse=True):
+                if i >= n:
+                    self.sims.pop(i).stop()
+
+    def stop_all(self) -> None:
+        self.scale(self.name, 0)
+
+
+async def test_autoscaling_adds_a_replica_under_load_and_retires_it_when_idle() -> None:
+    base = free_port()
+    while base + 1 == free_port():  # two consecutive ports are needed; retry rarely
+        base = free_port()
+    fleet = ReplicaFleet("m", base)
+    fleet.ensure_awake("m")
+    reg = (f'[models.m]\nsource = "org/m"\nport = {base}\nmin_replicas = 1\nmax_replicas = 2\n'
+           f"target_ongoing_requests = 2\nupscale_delay = 0.5\ndownscale_delay = 1.5\n")
+    try:
+        async with gateway(reg, lambda busy, last_used: fleet, autoscale_interval=0.1) as client:
+            gw = client.app.state.gateway  # type: ignore[attr-defined]
+            # sustained load of 6 in flight (target 2 per replica): a second replica
+            load = [asyncio.create_task(chat(client, "m", max_tokens=40)) for _ in range(6)]
+            for _ in range(100):  # poll with a deadline (10 s)
+                if gw.autoscaler is not None and gw.autoscaler.changes:
+                    break
+                await asyncio.sleep(0.1)
+            assert gw.autoscaler.changes == [("m", 1, 2)]
+            assert fleet.scaled == [2] and len(fleet.sims) == 2
+            assert [r.status_code for r in await asyncio.gather(*load)] == [200] * 6
+            served = await asyncio.gather(*(chat(client, "m", max_tokens=10) for _ in range(4)))
+            assert all(r.status_code == 200 for r in served)
+            assert all(requests_seen(s) for s in fleet.sims.values())  # both replicas served
+            for _ in range(100):  # idle now: back to one replica after the cooldown
+                if len(gw.autoscaler.changes) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert gw.autoscaler.changes == [("m", 1, 2), ("m", 2, 1)]
+            assert fleet.scaled == [2, 1] and list(fleet.sims) == [0]
+            assert [i.draining for i in gw.instances["m"]] == [False, True]
+            assert (await chat(client, "m")).status_code == 200
+    finally:
+        fleet.stop_all()
