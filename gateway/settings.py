@@ -65,3 +65,4 @@ class GatewaySettings(BaseSettings):
     activation_timeout: float = Field(default=600.0, gt=0, description="max wait for a model")
     idle_check_interval: float = Field(default=5.0, gt=0, description="idle ttl check period")
     probe_interval: float = Field(default=2.0, gt=0, description="re-probe ejected replicas")
+    autoscale_interval: float = Field(default=5.0, gt=0, description="autoscaling sample period")
