@@ -145,6 +145,12 @@ class FleetClient:
         """
         return self.fleet.sleep(model)
 
+    def wake(self, model: str) -> Report:
+        """Bring `model` back (vLLM wake_up, or start) without evicting anything: refuses
+        with `PlacementRefused` when it does not fit beside what is awake (use ensure_awake,
+        which switches, for that)."""
+        return self.fleet.wake(model)
+
     def scale(self, model: str, n: int, *, timeout: float | None = None) -> Report:
         """Start or stop replicas of `model` until `n` are awake (`Fleet.scale`): refuses
         with `PlacementRefused` when the new replicas do not fit beside what is awake (it

@@ -104,3 +104,17 @@ def test_scale_with_timeout_and_its_refusals(tmp_path: Path) -> None:
     with pytest.raises(StartFailed, match="caller's deadline"):
         client.scale("auto", 2, timeout=2)
     assert world.clock.now - t0 < 3
+
+
+def test_wake_never_evicts(tmp_path: Path) -> None:
+    world = FakeWorld()
+    client = FleetClient(make_fleet(world, make_registry(), tmp_path))
+    client.ensure_awake("a")
+    client.sleep("a")
+    client.ensure_awake("b")  # a sleeps (0 GPU), b takes 0.6
+    with pytest.raises(PlacementRefused):
+        client.wake("a")  # 0.6 + 0.6 > 0.95: wake refuses rather than evict b
+    assert [s.state for s in client.status(["a", "b"])] == ["sleeping", "healthy"]
+    client.sleep("b")
+    client.wake("a")
+    assert [s.state for s in client.status(["a", "b"])] == ["healthy", "stopped"]  # b: no sleep_mode
