@@ -376,6 +376,9 @@ def parse_registry(text: str, source: str = DEFAULT_REGISTRY_PATH, fmt: str = "t
 
 
 _TOP_KEYS = ("host", "defaults", "models")
+# First path segments the gateway owns: a model with such a name could not have its
+# /{model}/... routes.
+RESERVED_NAMES = frozenset({"admin", "v1", "v2", "health", "metrics"})
 
 
 def build_registry(data: Mapping[str, Any], source: str = DEFAULT_REGISTRY_PATH) -> Registry:
@@ -402,6 +405,11 @@ def build_registry(data: Mapping[str, Any], source: str = DEFAULT_REGISTRY_PATH)
             problems.append(f"{where}: invalid name; use 1-63 lowercase letters, digits, '.', "
                             f"'_' or '-', starting with a letter or digit (put other spellings "
                             f"in `aliases`)")
+            continue
+        if name in RESERVED_NAMES:
+            problems.append(f"{where}: the name is reserved for the gateway's own routes "
+                            f"({', '.join(sorted(RESERVED_NAMES))}); pick another name and "
+                            f"put {name!r} in `aliases` if clients must use it")
             continue
         if not isinstance(raw, Mapping):
             problems.append(f"{where}: must be a table ([models.{name}])")

@@ -262,3 +262,10 @@ def test_registry_from_env_by_precedence(tmp_path: Path) -> None:
     assert info.value.source == "$FLEET_REGISTRY_JSON" and "'prot'" in str(info.value)
     with pytest.raises(RegistryError, match="MODEL_PORT"):
         load_registry_from_env(None, {"MODEL_ID": "m", "MODEL_PORT": "x"})
+
+
+def test_names_the_gateway_routes_own_are_reserved() -> None:
+    found = problems('[models.admin]\nurl = "http://127.0.0.1:1"\n')
+    assert found == ["model 'admin': the name is reserved for the gateway's own routes (admin, "
+                     "health, metrics, v1, v2); pick another name and put 'admin' in `aliases` "
+                     "if clients must use it"]
