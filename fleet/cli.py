@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="state of every model (one row per replica)")
     p.add_argument("--no-probe", action="store_true",
                    help="do not call /health (Docker's view only; faster)")
+    p.add_argument("--gateway", metavar="URL", default=os.environ.get("FLEET_GATEWAY_URL"),
+                   help="add the gateway's in-flight and queued requests per model, read from "
+                        "its /admin/status (default $FLEET_GATEWAY_URL; admin key from "
+                        "$GATEWAY_ADMIN_KEY)")
     p = sub.add_parser("logs", parents=[common], help="a model's container logs")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--replica", type=int, default=0, metavar="I",
@@ -248,11 +252,55 @@ def _cmd_compose(registry: Registry, args: argparse.Namespace, out: TextIO, err:
 
 def _cmd_status(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rows = fleet.status(probe=not args.no_probe)
+    load = _gateway_load(args.gateway, err) if args.gateway else None
     if args.json:
-        print(json.dumps([r.as_dict() for r in rows], indent=2), file=out)
+        data = [r.as_dict() for r in rows]
+        if load is not None:
+            for row in data:
+                row["gateway"] = load.get((row["name"], row["replica"]))
+        print(json.dumps(data, indent=2), file=out)
     else:
         print(format_status(rows), file=out)
+        if load is not None:
+            print(format_gateway_load(rows, load), file=out)
     return EXIT_OK
+
+
+def _gateway_load(url: str, err: TextIO) -> dict[tuple[str, int], dict[str, Any]] | None:
+    """(model, replica) -> the gateway's in-flight, queued and outstanding figures, from its
+    /admin/status; None (with a warning) when the gateway cannot tell."""
+    import httpx
+
+    key = os.environ.get("GATEWAY_ADMIN_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        resp = httpx.get(url.rstrip("/") + "/admin/status", params={"fleet": "false"},
+                         headers=headers, timeout=5.0)
+        resp.raise_for_status()
+        models = resp.json()["models"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        print(f"fleet: warning: no figures from the gateway at {url}: {exc} (is it running? "
+              f"is GATEWAY_ADMIN_KEY its admin key?)", file=err)
+        return None
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for name, m in models.items():
+        for rep in m.get("replicas", []):
+            out[(name, rep["index"])] = {"in_flight": m["in_flight"], "queued": m["queued"],
+                                         "outstanding": rep["outstanding"],
+                                         "ejected": rep["ejected"]}
+    return out
+
+
+def format_gateway_load(rows: Sequence[ModelStatus],
+                        load: dict[tuple[str, int], dict[str, Any]]) -> str:
+    lines = ["", "GATEWAY  (requests per model: in flight / queued; per replica: outstanding)"]
+    for r in rows:
+        g = load.get((r.name, r.replica))
+        if g is not None:
+            lines.append(f"  {r.name} [{r.replica}]: {g['in_flight']} in flight, "
+                         f"{g['queued']} queued, {g['outstanding']} outstanding"
+                         + (" (taken out)" if g["ejected"] else ""))
+    return "\n".join(lines)
 
 
 def _cmd_plan(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -243,3 +243,25 @@ def test_host_inventory_overridden_by_flags(cli) -> None:  # type: ignore[no-unt
     assert r.code == 2 and "'0,x' is not a comma-separated list of GPU ids" in r.err
     r = cli("--host-cpus", "0", "check")
     assert r.code == 2 and "cpus" in r.err
+
+
+def test_status_with_the_gateway_figures(cli, world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+    import respx
+
+    assert cli("up").code == 0
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", "sekret")
+    body = {"models": {"a": {"in_flight": 3, "queued": 1, "replicas": [
+        {"index": 0, "outstanding": 3, "ejected": False}]}}}
+    with respx.mock() as mock:
+        route = mock.get("http://gw:8000/admin/status").respond(200, json=body)
+        r = cli("status", "--json", "--gateway", "http://gw:8000")
+        assert route.calls[0].request.headers["authorization"] == "Bearer sekret"
+        rows = {row["name"]: row for row in r.json()}
+        assert rows["a"]["gateway"] == {"in_flight": 3, "queued": 1, "outstanding": 3,
+                                        "ejected": False}
+        r = cli("status", "--gateway", "http://gw:8000")
+        assert "a [0]: 3 in flight, 1 queued, 3 outstanding" in r.out
+        mock.get("http://down:8000/admin/status").mock(side_effect=httpx.ConnectError("no"))
+        r = cli("status", "--gateway", "http://down:8000")
+        assert r.code == 0 and "no figures from the gateway at http://down:8000" in r.err
