@@ -100,7 +100,7 @@ class RelayResponse(Response):
 
 
 class _WatchState:
-    __slots__ = ("done", "disconnected")
+    __slots__ = ("disconnected", "done")
 
     def __init__(self) -> None:
         self.done = False

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any
 
 import httpx
 
@@ -133,7 +133,7 @@ def httpx_error(exc: BaseException) -> httpx.HTTPError | None:
 def _as_httpx_errors() -> Iterator[None]:
     try:
         yield
-    except (aiohttp.ClientError, asyncio.TimeoutError, _WriteTimeout) as exc:
+    except (TimeoutError, aiohttp.ClientError, _WriteTimeout) as exc:
         mapped = httpx_error(exc)
         if mapped is None:  # pragma: no cover
             raise
@@ -170,7 +170,7 @@ if aiohttp is not None:
 class _Headers:
     """What the relay reads of response headers: the raw pairs and a lookup."""
 
-    __slots__ = ("raw", "_proxy")
+    __slots__ = ("_proxy", "raw")
 
     def __init__(self, raw: Sequence[tuple[bytes, bytes]], proxy: Any) -> None:
         self.raw = raw
@@ -183,7 +183,7 @@ class _Headers:
 class AiohttpRequest:
     """A request built by `AiohttpClient.build_request`, sent by its `send`."""
 
-    __slots__ = ("method", "url", "content", "headers", "timeout")
+    __slots__ = ("content", "headers", "method", "timeout", "url")
 
     def __init__(self, method: str, url: Any, content: bytes, headers: Any,
                  timeout: Any) -> None:
@@ -194,7 +194,7 @@ class AiohttpRequest:
 class AiohttpResponse:
     """A streamed upstream response: `status_code`, `headers`, `aiter_raw()`, `aclose()`."""
 
-    __slots__ = ("_resp", "status_code", "headers")
+    __slots__ = ("_resp", "headers", "status_code")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
@@ -319,4 +319,4 @@ class AiohttpClient:
             await session.close()
 
 
-UpstreamClient = Union[httpx.AsyncClient, AiohttpClient]
+UpstreamClient = httpx.AsyncClient | AiohttpClient

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 import httpx
@@ -40,7 +41,7 @@ class Upstream:
         self.closed = asyncio.Event()
         self.server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> Upstream:
+    async def __aenter__(self) -> Self:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
             try:
@@ -195,7 +196,7 @@ async def test_stream_broken_midway_raises_an_httpx_error(client) -> None:
     (aiohttp.ServerDisconnectedError(), httpx.RemoteProtocolError),
     (aiohttp.ClientPayloadError("cut"), httpx.ReadError),
     (aiohttp.ClientOSError(104, "reset"), httpx.ReadError),
-    (asyncio.TimeoutError(), httpx.TimeoutException),
+    (TimeoutError(), httpx.TimeoutException),
 ])
 def test_aiohttp_failures_become_httpx_types(exc: BaseException, want: type) -> None:
     mapped = httpx_error(exc)

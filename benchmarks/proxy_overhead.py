@@ -1,0 +1,273 @@
+"""Proxy overhead: the simulator direct vs through nginx vs through the gateway.
+
+    python benchmarks/proxy_overhead.py            # about 2-3 minutes on 2 cores
+    python benchmarks/proxy_overhead.py --rounds 3 --scale 0.5 --itl-ms 5
+
+One simulator process (`python -m vllm_sim`, zero delays by default, 32 tokens per answer)
+is the upstream of nginx (benchmarks/nginx.conf: proxy_buffering off, keep-alive upstream)
+and of the gateway (`python -m gateway`, a registry whose model has `url = <sim>`). In
+interleaved rounds (target order rotated each round) the load generator (benchmarks/loadgen.py)
+runs every scenario against every target: streamed chat at concurrency 1, 16 and 64, and
+non-streamed chat at concurrency 16. Per scenario and target it prints req/s, TTFT and
+end-to-end p50/p99, errors, the latency added over direct (median over rounds of the
+per-round p50 difference), the proxy's CPU seconds per 1000 requests and its RSS after each
+round, and at the end one JSON line (`{"benchmark": "proxy_overhead", ...}`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen import RunResult, chat_request, install_fast_loop, percentile, run_load
+from procs import Proc, Procs, machine_busy_seconds, pin, self_cpu_seconds
+
+MODEL = "bench"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    stream: bool
+    concurrency: int
+    requests: int
+
+
+SCENARIOS = (
+    Scenario("stream c=1", True, 1, 300),
+    Scenario("stream c=16", True, 16, 1500),
+    Scenario("stream c=64", True, 64, 3000),
+    Scenario("unary c=16", False, 16, 1500),
+)
+
+
+@dataclass
+class Sample:
+    """One run of one scenario against one target."""
+
+    result: RunResult
+    proxy_cpu: float | None
+    sim_cpu: float
+    client_cpu: float
+    rss_after: int | None
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    proxy: Proc | None
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+
+
+def ms(x: float) -> float:
+    return round(x * 1000, 3)
+
+
+async def run_one(target: Target, sc: Scenario, sim: Proc, max_tokens: int) -> Sample:
+    request = chat_request("127.0.0.1", target.port, MODEL, stream=sc.stream,
+                           max_tokens=max_tokens)
+    cpu0 = target.proxy.cpu() if target.proxy else None
+    sim0, me0 = sim.cpu(), self_cpu_seconds()
+    result = await run_load("127.0.0.1", target.port, request, concurrency=sc.concurrency,
+                            total=sc.requests, stream=sc.stream, deadline_s=90)
+    proxy_cpu = target.proxy.cpu() - cpu0 if target.proxy and cpu0 is not None else None
+    return Sample(result, proxy_cpu, sim.cpu() - sim0, self_cpu_seconds() - me0,
+                  target.proxy.rss() if target.proxy else None)
+
+
+def summarize(targets: list[Target], sc: Scenario) -> dict[str, dict[str, Any]]:
+    direct = targets[0].samples[sc.name]
+    out: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        samples = t.samples[sc.name]
+        ttft = [x for s in samples for x in s.result.ttft]
+        e2e = [x for s in samples for x in s.result.e2e]
+        n = sum(s.result.requests for s in samples)
+        row: dict[str, Any] = {
+            "requests": n,
+            "errors": sum(s.result.errors for s in samples),
+            "rps": round(statistics.median(s.result.rps for s in samples), 1),
+            "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+            "e2e_p50_ms": ms(percentile(e2e, 50)), "e2e_p99_ms": ms(percentile(e2e, 99)),
+            "client_cpu_s_per_1000": round(1000 * sum(s.client_cpu for s in samples) / n, 3)
+            if n else None,
+            "sim_cpu_s_per_1000": round(1000 * sum(s.sim_cpu for s in samples) / n, 3)
+            if n else None,
+        }
+        if t.proxy is not None:
+            added_ttft = [percentile(s.result.ttft, 50) - percentile(d.result.ttft, 50)
+                          for s, d in zip(samples, direct, strict=True)]
+            added_e2e = [percentile(s.result.e2e, 50) - percentile(d.result.e2e, 50)
+                         for s, d in zip(samples, direct, strict=True)]
+            rss = [s.rss_after for s in samples if s.rss_after]
+            row.update({
+                "added_ttft_p50_ms": ms(statistics.median(added_ttft)),
+                "added_e2e_p50_ms": ms(statistics.median(added_e2e)),
+                "proxy_cpu_s_per_1000": round(
+                    1000 * sum(s.proxy_cpu or 0.0 for s in samples) / n, 3) if n else None,
+                "proxy_rss_mib": [round(r / 2**20, 1) for r in rss],
+                "rss_growth_pct": round(100 * (rss[-1] - rss[0]) / rss[0], 1) if rss else None,
+            })
+        errs = [e for s in samples for e in s.result.error_samples][:3]
+        if errs:
+            row["error_samples"] = errs
+        out[t.name] = row
+    return out
+
+
+def print_table(sc: Scenario, rows: dict[str, dict[str, Any]]) -> None:
+    print(f"\n## {sc.name} ({'streamed' if sc.stream else 'non-streamed'} chat, "
+          f"{sc.requests} requests per round)")
+    head = ("target", "req/s", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99", "errors",
+            "+TTFT p50", "+e2e p50", "CPU s/1000", "RSS MiB (first..last)")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for name, r in rows.items():
+        rss = r.get("proxy_rss_mib") or []
+        cells = [name, f"{r['rps']:.0f}", f"{r['ttft_p50_ms']:.2f}", f"{r['ttft_p99_ms']:.2f}",
+                 f"{r['e2e_p50_ms']:.2f}", f"{r['e2e_p99_ms']:.2f}", str(r["errors"]),
+                 f"{r['added_ttft_p50_ms']:+.2f}" if "added_ttft_p50_ms" in r else "-",
+                 f"{r['added_e2e_p50_ms']:+.2f}" if "added_e2e_p50_ms" in r else "-",
+                 f"{r['proxy_cpu_s_per_1000']:.2f}" if r.get("proxy_cpu_s_per_1000") is not None
+                 else "-",
+                 f"{rss[0]:.0f}..{rss[-1]:.0f} ({r['rss_growth_pct']:+.1f}%)" if rss else "-"]
+        print("| " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+def check_targets(results: dict[str, dict[str, dict[str, Any]]],
+                  gateways: list[str]) -> dict[str, dict[str, Any]]:
+    """Issue 7's targets, per gateway target."""
+    out: dict[str, dict[str, Any]] = {}
+    for gw in gateways:
+        checks: dict[str, Any] = {}
+        c1 = results.get("stream c=1", {}).get(gw)
+        c64 = results.get("stream c=64", {})
+        gw64, ng64 = c64.get(gw), c64.get("nginx")
+        if c1:
+            checks["c1_added_ttft_p50_under_1ms"] = {
+                "value_ms": c1["added_ttft_p50_ms"], "met": c1["added_ttft_p50_ms"] < 1.0}
+        if gw64 and ng64:
+            limit = 2 * max(ng64["added_ttft_p50_ms"], 0.0)
+            checks["c64_added_ttft_p50_at_most_2x_nginx"] = {
+                "gateway_ms": gw64["added_ttft_p50_ms"], "nginx_ms": ng64["added_ttft_p50_ms"],
+                "met": gw64["added_ttft_p50_ms"] <= limit}
+            ratio = gw64["rps"] / ng64["rps"] if ng64["rps"] else 0.0
+            checks["c64_throughput_at_least_80pct_of_nginx"] = {
+                "ratio": round(ratio, 3), "met": ratio >= 0.8}
+        growth = [rows[gw]["rss_growth_pct"] for rows in results.values()
+                  if rows.get(gw, {}).get("rss_growth_pct") is not None]
+        if growth:
+            checks["rss_growth_under_10pct"] = {"max_pct": max(growth),
+                                                "met": max(growth) < 10.0}
+        out[gw] = checks
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    loop_name = args.client_loop
+    procs = Procs()
+    try:
+        sim = procs.start_sim(MODEL, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms)
+        sim_url = f"http://127.0.0.1:{sim.port}"
+        targets = [Target("direct", sim.port, None)]
+        if "nginx" in args.targets:
+            nginx = procs.start_nginx(sim.port, workers=args.nginx_workers)
+            targets.append(Target("nginx", nginx.port, nginx))
+        for spec in args.gateway or ["gateway"]:
+            name, _, env_text = spec.partition(":")
+            name, _, src = name.partition("@")
+            env = dict(kv.split("=", 1) for kv in env_text.split(",") if kv)
+            gw = procs.start_gateway(sim_url, MODEL, env, name=name,
+                                     source=Path(src) if src else None)
+            targets.append(Target(name, gw.port, gw))
+        if args.pin:  # simulator and load generator on CPU 0, every proxy on CPU 1
+            pin([*sim.pids(), os.getpid()], {0})
+            for t in targets:
+                if t.proxy:
+                    pin(t.proxy.pids(), {1})
+        scenarios = [Scenario(s.name, s.stream, s.concurrency, max(1, int(s.requests * args.scale)))
+                     for s in SCENARIOS if not args.only or s.name in args.only]
+        print(f"# proxy overhead: {len(targets)} targets, {args.rounds} rounds, "
+              f"{args.max_tokens} tokens per answer, sim TTFT {args.ttft_ms} ms ITL "
+              f"{args.itl_ms} ms, client loop {loop_name}, pinned {args.pin}", file=sys.stderr)
+        warm = chat_request("127.0.0.1", 0, MODEL, stream=True, max_tokens=args.max_tokens)
+        for t in targets:  # warm-up: connections, pools, caches
+            req = warm.replace(b"Host: 127.0.0.1:0", f"Host: 127.0.0.1:{t.port}".encode())
+            await run_load("127.0.0.1", t.port, req, concurrency=16, total=300, stream=True)
+        ours = [sim, *(t.proxy for t in targets if t.proxy)]
+        busy0, ours0, me0 = machine_busy_seconds(), sum(p.cpu() for p in ours), self_cpu_seconds()
+        load0, t0 = os.getloadavg()[0], time.monotonic()
+        for rnd in range(args.rounds):
+            order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+            for sc in scenarios:
+                for t in order:
+                    sample = await run_one(t, sc, sim, args.max_tokens)
+                    t.samples.setdefault(sc.name, []).append(sample)
+            print(f"# round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+        wall = time.monotonic() - t0
+        others = (machine_busy_seconds() - busy0) - (sum(p.cpu() for p in ours) - ours0) - (
+            self_cpu_seconds() - me0)
+        results = {sc.name: summarize(targets, sc) for sc in scenarios}
+        machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                   "kernel": platform.release(), "loadavg_1m_start": round(load0, 2),
+                   "loadavg_1m_end": round(os.getloadavg()[0], 2),
+                   "other_processes_cores_avg": round(max(others, 0.0) / wall, 2),
+                   "duration_s": round(wall, 1)}
+        print(f"# machine: {machine}")
+        for sc in scenarios:
+            print_table(sc, results[sc.name])
+        gateways = [t.name for t in targets if t.name not in ("direct", "nginx")]
+        checks = check_targets(results, gateways)
+        print("\n## targets")
+        for gw, gw_checks in checks.items():
+            for name, c in gw_checks.items():
+                print(f"- {gw} {name}: {'MET' if c['met'] else 'NOT MET'} {c}")
+        print(json.dumps({"benchmark": "proxy_overhead", "rounds": args.rounds,
+                          "max_tokens": args.max_tokens, "sim_ttft_ms": args.ttft_ms,
+                          "sim_itl_ms": args.itl_ms, "pinned": args.pin,
+                          "gateways": args.gateway or ["gateway"],
+                          "machine": machine, "results": results, "targets": checks}))
+        return 0
+    finally:
+        procs.stop_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply request counts")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--ttft-ms", type=float, default=0.0, help="simulator VLLM_SIM_TTFT_MS")
+    p.add_argument("--itl-ms", type=float, default=0.0, help="simulator VLLM_SIM_ITL_MS")
+    p.add_argument("--no-nginx", dest="targets", action="store_const", const=[],
+                   default=["nginx"], help="measure the gateway(s) against direct only")
+    p.add_argument("--only", nargs="+", help="scenario names, e.g. 'stream c=64'")
+    p.add_argument("--nginx-workers", default="auto")
+    p.add_argument("--pin", action="store_true",
+                   help="simulator and load generator on CPU 0, the proxy under test on CPU 1 "
+                        "(its capacity with a core of its own; 2+ CPUs)")
+    p.add_argument("--gateway", action="append", metavar="NAME[@SRC][:KEY=VALUE,...]",
+                   help="a gateway target, repeatable (default: one 'gateway' from this "
+                        "checkout). @SRC runs the code in directory SRC instead (e.g. an older "
+                        "commit unpacked with `git archive`); KEY=VALUE set its environment, "
+                        "e.g. --gateway gateway --gateway gw-httpx:GATEWAY_UPSTREAM_CLIENT=httpx")
+    args = p.parse_args(argv)
+    args.client_loop = install_fast_loop()
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
