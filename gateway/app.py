@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import signal
 import time
@@ -105,6 +106,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._idle_task: asyncio.Task[None] | None = None
         self.autoscaler: Autoscaler | None = None
+        self._sleep_seen: dict[str, tuple[float, bool]] = {}  # model -> (checked at, asleep)
         self.open_fleet(registry)
 
     def apply(self, registry: Registry) -> None:
@@ -415,8 +417,10 @@ class Gateway:
         timeout = self.timeouts.get(route.model)
         extra = {"timeout": timeout} if timeout is not None else {}
         can_activate = activate and self.activator is not None and route.managed
-        if can_activate and route.model in self.activator.asleep:  # type: ignore[union-attr]
+        if can_activate and (route.model in self.activator.asleep  # type: ignore[union-attr]
+                             or await self._engine_asleep(route)):
             await self.activator.activate(route.model)  # type: ignore[union-attr]
+            self._sleep_seen[route.model] = (self.clock(), False)
         replicas = self.instances[route.model]
         tried: list[Instance] = []
         failure: errors.GatewayError | None = None
@@ -457,6 +461,32 @@ class Gateway:
             if relay.is_event_stream and started is not None:  # time to first token
                 relay.on_first_chunk = functools.partial(self._first_chunk, route.model, started)
             return _Finally(relay, functools.partial(_decrement, inst))
+
+    async def _engine_asleep(self, route: Route) -> bool:
+        """Whether a sleep-mode model's engine sleeps (put to sleep by `fleet switch`, say):
+        vLLM would hold the request until woken, so the gateway wakes it first. Asked of
+        the first replica's /is_sleeping at most once a second per model."""
+        spec = self.table.registry.models.get(route.model)
+        if spec is None or not spec.sleep_mode:
+            return False
+        checked, asleep = self._sleep_seen.get(route.model, (float("-inf"), False))
+        now = self.clock()
+        if now - checked < self.settings.sleep_check_interval:
+            return asleep
+        client = self.upstreams.client(route.replicas[0])
+        request = client.build_request("GET", "/is_sleeping",
+                                       timeout=httpx.Timeout(self.settings.health_timeout))
+        try:
+            resp = await client.send(request, stream=True)
+            try:
+                body = await resp.aread()
+            finally:
+                await resp.aclose()
+            asleep = resp.status_code == 200 and json.loads(body).get("is_sleeping") is True
+        except (httpx.HTTPError, ValueError, AttributeError):
+            asleep = False  # not answering: the request path finds out and reacts
+        self._sleep_seen[route.model] = (now, asleep)
+        return asleep
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes

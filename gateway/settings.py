@@ -66,3 +66,5 @@ class GatewaySettings(BaseSettings):
     idle_check_interval: float = Field(default=5.0, gt=0, description="idle ttl check period")
     probe_interval: float = Field(default=2.0, gt=0, description="re-probe ejected replicas")
     autoscale_interval: float = Field(default=5.0, gt=0, description="autoscaling sample period")
+    sleep_check_interval: float = Field(
+        default=1.0, ge=0, description="how long an /is_sleeping answer is trusted")

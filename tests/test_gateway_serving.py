@@ -231,3 +231,30 @@ async def test_autoscaling_adds_a_replica_under_load_and_retires_it_when_idle() 
             assert (await chat(client, "m")).status_code == 200
     finally:
         fleet.stop_all()
+
+
+class WakingFleet:
+    """A fleet stand-in for one sleep-mode model: ensure_awake wakes the engine."""
+
+    def __init__(self, sim: SimServer) -> None:
+        self.sim = sim
+        self.calls = 0
+
+    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+        self.calls += 1
+        httpx.post(self.sim.url("/wake_up"), timeout=10).raise_for_status()
+
+    def sleep(self, model: str) -> None:
+        httpx.post(self.sim.url("/sleep?level=1"), timeout=10).raise_for_status()
+
+
+async def test_a_model_put_to_sleep_elsewhere_is_woken_before_forwarding(sim_factory) -> None:
+    sim = sim_factory(served_names=("m",), args=("--enable-sleep-mode",))
+    fleet = WakingFleet(sim)
+    reg = f'[models.m]\nsource = "org/m"\nport = {sim.port}\nsleep_mode = true\n'
+    async with gateway(reg, lambda busy, last_used: fleet, sleep_check_interval=0) as client:
+        fleet.sleep("m")  # as `fleet switch other` would: the gateway was not told
+        resp = await asyncio.wait_for(chat(client, "m"), 10)  # vLLM would hold it while asleep
+        assert resp.status_code == 200 and fleet.calls == 1
+        assert httpx.get(sim.url("/is_sleeping")).json() == {"is_sleeping": False}
+        assert (await chat(client, "m")).status_code == 200 and fleet.calls == 1
