@@ -83,6 +83,7 @@ class ContainerRecord:
     restart_count: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
     networks: tuple[str, ...] = ()  # user-defined networks (not bridge/host/none)
+    oom_killed: bool = False  # Docker's State.OOMKilled: the kernel's OOM killer struck
 
     @property
     def running(self) -> bool:
@@ -136,7 +137,8 @@ def _short_reason(text: str) -> str:
     if m:
         return m.group(0).strip()
     m = re.search(r"(No such file or directory|Connection refused|Name or service not known|"
-                  r"timed out|Permission denied)", text)
+                  r"timed out|Permission denied|Remote end closed connection without response)",
+                  text)
     if m:
         return m.group(1)
     text = text.removeprefix("Error while fetching server API version: ")
@@ -190,6 +192,7 @@ def record_from_attrs(attrs: Mapping[str, Any]) -> ContainerRecord:
         restart_count=int(attrs.get("RestartCount") or 0),
         labels=labels,
         networks=networks,
+        oom_killed=bool(state.get("OOMKilled")),
     )
 
 

@@ -27,6 +27,7 @@ models. The planner counts every awake replica against the GPU and CPU budgets.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from fleet.engine import ContainerRecord, Engine, EngineError
+from fleet.engine import ContainerRecord, DockerUnreachable, Engine, EngineError
 from fleet.health import Probe, ProbeError
 from fleet.lock import SwitchLock
 from fleet.autoscale import replica_bounds
@@ -138,6 +139,26 @@ class StartFailed(FleetError):
         parts.append(f"fleet state now: {state}")
         parts.append(f"to recover: {recover}")
         super().__init__("\n".join(parts))
+
+
+class Interrupted(FleetError):
+    """The container engine failed part-way through an operation, after the fleet began to
+    act (e.g. the Docker daemon went away while the target loaded): the message says what
+    had been done, the state now (unknown while the daemon does not answer) and how to
+    recover."""
+
+    def __init__(self, operation: str, cause: EngineError, done: Sequence[str], state: str,
+                 recover: str) -> None:
+        self.cause = cause
+        self.done = tuple(done)
+        self.state = state
+        self.recover = recover
+        super().__init__("\n".join([
+            f"{operation} interrupted: {cause}",
+            f"done before that: {'; '.join(self.done) or 'nothing'}",
+            f"fleet state now: {state}",
+            f"to recover: {recover}",
+        ]))
 
 
 @dataclass(frozen=True)
@@ -436,9 +457,8 @@ class Fleet:
         uptime = _uptime(rec, now)
         common = dict(uptime=uptime, container=rec.name, **base)
         if not rec.running:
-            code = f" (exit code {rec.exit_code})" if rec.exit_code is not None else ""
             state = "drifted" if rec.spec_hash != spec.spec_hash else "stopped"
-            detail = (f"container {rec.state}{code}")
+            detail = f"container {rec.state}{_exit_note(rec)}"
             if state == "drifted":
                 detail += "; the registry changed since it was made: `fleet up` recreates it"
             return ModelStatus(state=state, health="-", detail=detail, **common)
@@ -532,6 +552,8 @@ class Fleet:
     def _state_line(self) -> str:
         try:
             seen = self._observe()
+        except DockerUnreachable:
+            return "unknown while the Docker daemon does not answer"
         except EngineError as exc:
             return f"unknown ({exc})"
         parts = [f"{self.label(n, i)} {s.state}" for n, ms in seen.items()
@@ -573,23 +595,43 @@ class Fleet:
             if plan.violations:
                 raise PlacementRefused(f"cannot switch to {m.name}:", plan.violations)
             report = Report("switch", (m.name,))
-            t_evict = self.clock.monotonic()
-            for ev in plan.evict:
-                self._evict(ev, seen[ev.model], report)
-            t_start = self.clock.monotonic()
-            report.timings["evict"] = t_start - t_evict
             evicted = [ev.model for ev in plan.evict]
             back = (f"`fleet switch {evicted[0]}` to go back" if evicted else "")
-            for i in want:
-                self._start(m, i, ms.replicas[i], report, recover_extra=back)
-            t_healthy = self.clock.monotonic()
-            report.timings["start"] = t_healthy - t_start
-            self._wait_healthy([(m, i) for i in want], report, recover_extra=back,
-                               deadline=deadline)
-            report.timings["healthy"] = self.clock.monotonic() - t_healthy
-            report.timings["total"] = self.clock.monotonic() - t0
-            report.awake = tuple(self._awake(self._observe()))
+            with self._interruptible(report, back):
+                t_evict = self.clock.monotonic()
+                for ev in plan.evict:
+                    self._evict(ev, seen[ev.model], report)
+                t_start = self.clock.monotonic()
+                report.timings["evict"] = t_start - t_evict
+                for i in want:
+                    self._start(m, i, ms.replicas[i], report, recover_extra=back)
+                t_healthy = self.clock.monotonic()
+                report.timings["start"] = t_healthy - t_start
+                self._wait_healthy([(m, i) for i in want], report, recover_extra=back,
+                                   deadline=deadline)
+                report.timings["healthy"] = self.clock.monotonic() - t_healthy
+                report.timings["total"] = self.clock.monotonic() - t0
+                report.awake = tuple(self._awake(self._observe()))
             return report
+
+    @contextmanager
+    def _interruptible(self, report: Report, recover_extra: str = "") -> Iterator[None]:
+        """Turn an engine failure part-way through acting (the Docker daemon gone, say) into
+        `Interrupted`: what was done, the state now, and how to recover."""
+        try:
+            yield
+        except EngineError as exc:
+            done = [f"{self.label(a.model, a.replica)} {a.action}" + (f" ({a.note})" if a.note
+                                                                      else "")
+                    for a in report.actions]
+            again = f"fleet {report.operation} {' '.join(report.target)}"
+            recover = ("when the cause above is fixed (the Docker daemon answers `docker "
+                       "info`), `fleet status` shows where the fleet stands; then run "
+                       f"`{again}` again")
+            if recover_extra:
+                recover += f"; or {recover_extra}"
+            raise Interrupted(f"{report.operation} {' '.join(report.target)}", exc, done,
+                              self._state_line(), recover) from exc
 
     def _evict(self, ev: Eviction, ms: _ModelSeen, report: Report) -> None:
         """Sleep or stop every awake replica of `ev.model` (a replica that is not running
@@ -704,8 +746,7 @@ class Fleet:
                 if rec is None:
                     reason = "its container disappeared"
                 elif rec.state in ("exited", "dead", "created"):
-                    reason = f"its container {rec.state} (exit code {rec.exit_code}) before " \
-                             f"becoming healthy"
+                    reason = _ended_reason(rec)
                 elif rec.state == "restarting":
                     reason = "its container is crash-looping (restarting)"
                 else:
@@ -1002,6 +1043,40 @@ class Fleet:
 
     def follow_logs(self, model: str, *, tail: int = 100, replica: int = 0) -> Iterable[str]:
         return self.engine.follow_logs(self._container_of(model, replica).id, tail=tail)
+
+
+def _signal_name(rec: ContainerRecord) -> str | None:
+    """SIGKILL for exit code 137 and the like (128 + signal number), else None."""
+    code = rec.exit_code
+    if code is None or not 128 < code < 128 + signal.NSIG:
+        return None
+    try:
+        return signal.Signals(code - 128).name
+    except ValueError:
+        return None
+
+
+def _exit_note(rec: ContainerRecord) -> str:
+    """How a stopped container ended, for `fleet status`: " (exit code 1)",
+    " (exit code 137, OOM-killed)", " (exit code 137: SIGKILL)"; "" without a code."""
+    if rec.exit_code is None:
+        return ""
+    if rec.oom_killed:
+        return f" (exit code {rec.exit_code}, OOM-killed)"
+    sig = _signal_name(rec)
+    return f" (exit code {rec.exit_code}" + (f": {sig})" if sig else ")")
+
+
+def _ended_reason(rec: ContainerRecord) -> str:
+    """Why a replica that stopped before becoming healthy failed, with Docker's OOMKilled."""
+    if rec.oom_killed:
+        return (f"its container was killed by the kernel's out-of-memory killer (exit code "
+                f"{rec.exit_code}, Docker: OOMKilled) before becoming healthy: it needs more "
+                f"memory than it may use (a memory limit on the container, or the host's free "
+                f"memory: `free -m`); free memory or serve a smaller model")
+    sig = _signal_name(rec)
+    how = f": killed by {sig}, not by the OOM killer" if sig else ""
+    return f"its container {rec.state} (exit code {rec.exit_code}{how}) before becoming healthy"
 
 
 def _uptime(rec: ContainerRecord, now: float) -> float | None:
