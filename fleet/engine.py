@@ -98,6 +98,9 @@ class Engine(Protocol):
 
     def inspect(self, container: str) -> ContainerRecord | None: ...
 
+    def has_image(self, image: str) -> bool:
+        """Whether `image` is present locally (what a create would need)."""
+
     def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
         """Create and start a container from `containers.create` keyword arguments."""
 
@@ -385,6 +388,14 @@ class DockerEngine:
                 return record_from_attrs(self.client.containers.get(container).attrs)
             except docker.errors.NotFound:
                 return None
+
+    def has_image(self, image: str) -> bool:
+        try:
+            with self._mapped("image inspect", {"image": image}):
+                self.client.images.get(image)
+        except ImageMissing:
+            return False
+        return True
 
     def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
         kwargs = dict(run_kwargs)

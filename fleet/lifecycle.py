@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from fleet.engine import ContainerRecord, DockerUnreachable, Engine, EngineError
+from fleet.engine import ContainerRecord, DockerUnreachable, Engine, EngineError, ImageMissing
 from fleet.health import Probe, ProbeError
 from fleet.lock import SwitchLock
 from fleet.autoscale import replica_bounds
@@ -594,6 +594,13 @@ class Fleet:
                                replicas=sorted({*want, *ms.awake(m.replica_slots)}))
             if plan.violations:
                 raise PlacementRefused(f"cannot switch to {m.name}:", plan.violations)
+            image = self.registry.image(m)
+            if plan.evict and not self.engine.has_image(image):
+                # Found out now, not after the evictions: nothing is left half done.
+                raise ImageMissing(
+                    f"cannot switch to {m.name}: its image {image} is not on this host (build "
+                    f"it with scripts/build-images.sh or `docker pull {image}`); nothing was "
+                    f"evicted")
             report = Report("switch", (m.name,))
             evicted = [ev.model for ev in plan.evict]
             back = (f"`fleet switch {evicted[0]}` to go back" if evicted else "")

@@ -572,3 +572,18 @@ def test_logs_of_a_replica(rfleet: Fleet, world: FakeWorld) -> None:
     assert "INFO starting auto" in rfleet.logs("auto", replica=0)
     with pytest.raises(Exception, match="'auto\\[1\\]' has no container"):
         rfleet.logs("auto", replica=1)
+
+
+def test_switch_refuses_before_evicting_when_the_target_image_is_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fleet.engine import ImageMissing
+
+    world = FakeWorld()
+    fleet = make_fleet(world, make_registry(), tmp_path)
+    fleet.up(["a"])
+    world.missing_images.add(fleet.registry.image(fleet.registry.models["b"]))
+    before = list(world.calls)
+    with pytest.raises(ImageMissing) as info:
+        fleet.switch("b")  # would evict a (0.6 + 0.6 > 0.95)
+    assert "nothing was evicted" in str(info.value) and "scripts/build-images.sh" in str(info.value)
+    assert [c for c in world.calls[len(before):] if c[0] in ("stop", "sleep", "run")] == []
+    assert [s.state for s in fleet.status(["a"])] == ["healthy"]

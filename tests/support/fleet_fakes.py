@@ -64,6 +64,7 @@ class FakeWorld:
         self.load_seconds: dict[str, float] = {}  # model -> seconds until /health is 200
         self.crash: set[str] = set()  # models whose container exits right after start
         self.fail_run: dict[str, EngineError] = {}  # model -> error raised by run()
+        self.missing_images: set[str] = set()  # images has_image() says are absent
         self.sleep_fails: set[str] = set()  # models whose POST /sleep fails
         self.unreachable: EngineError | None = None  # every engine call raises this
         self._ids = itertools.count(1)
@@ -161,6 +162,10 @@ class FakeEngine:
         self._check()
         c = self.w.containers.get(container)
         return None if c is None else self._record(c)
+
+    def has_image(self, image: str) -> bool:
+        self._check()
+        return image not in self.w.missing_images
 
     def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
         self._check()
