@@ -622,16 +622,18 @@ class Fleet:
             return report
 
     @contextmanager
-    def _interruptible(self, report: Report, recover_extra: str = "") -> Iterator[None]:
+    def _interruptible(self, report: Report, recover_extra: str = "",
+                       again: str | None = None) -> Iterator[None]:
         """Turn an engine failure part-way through acting (the Docker daemon gone, say) into
-        `Interrupted`: what was done, the state now, and how to recover."""
+        `Interrupted`: what was done, the state now, and how to recover (run `again`, by
+        default `fleet <operation> <target...>`, once the daemon answers)."""
         try:
             yield
         except EngineError as exc:
             done = [f"{self.label(a.model, a.replica)} {a.action}" + (f" ({a.note})" if a.note
                                                                       else "")
                     for a in report.actions]
-            again = f"fleet {report.operation} {' '.join(report.target)}"
+            again = again or f"fleet {report.operation} {' '.join(report.target)}"
             recover = ("when the cause above is fixed (the Docker daemon answers `docker "
                        "info`), `fleet status` shows where the fleet stands; then run "
                        f"`{again}` again")
@@ -792,9 +794,13 @@ class Fleet:
     def _start(self, m: ModelSpec, replica: int, seen: _Seen, report: Report,
                recover_extra: str = "", again: str | None = None) -> None:
         """`_bring_up`, turning an engine refusal (port taken, no GPU runtime, image
-        missing, name taken) into StartFailed, which states what is awake now."""
+        missing, name taken) into StartFailed, which states what is awake now. A daemon
+        that does not answer is no refusal of this model: DockerUnreachable goes through
+        (the operation's `_interruptible` states it as Interrupted)."""
         try:
             self._bring_up(m, replica, seen, report)
+        except DockerUnreachable:
+            raise
         except EngineError as exc:
             failure = ModelFailure(m.name, str(exc), None, "",
                                    replica if m.replica_slots > 1 else None)
@@ -866,23 +872,24 @@ class Fleet:
                                        violations)
             report = Report("up", tuple(names))
             units: list[Unit] = []
-            for m in targets:
-                ms = seen[m.name]
-                self._remove_strays(m, ms, report)
-                for i in want[m.name]:
-                    units.append((m, i))
-                    s = ms.replicas[i]
-                    if s.state in READY_STATES:
-                        report.actions.append(ActionTaken(m.name, "none", 0.0,
-                                                          f"adopted ({s.state})", i))
-                        continue
-                    self._start(m, i, s, report)
-            t1 = self.clock.monotonic()
-            report.timings["start"] = t1 - t0
-            self._wait_healthy(units, report)
-            report.timings["healthy"] = self.clock.monotonic() - t1
-            report.timings["total"] = self.clock.monotonic() - t0
-            report.awake = tuple(self._awake(self._observe()))
+            with self._interruptible(report):
+                for m in targets:
+                    ms = seen[m.name]
+                    self._remove_strays(m, ms, report)
+                    for i in want[m.name]:
+                        units.append((m, i))
+                        s = ms.replicas[i]
+                        if s.state in READY_STATES:
+                            report.actions.append(ActionTaken(m.name, "none", 0.0,
+                                                              f"adopted ({s.state})", i))
+                            continue
+                        self._start(m, i, s, report)
+                t1 = self.clock.monotonic()
+                report.timings["start"] = t1 - t0
+                self._wait_healthy(units, report)
+                report.timings["healthy"] = self.clock.monotonic() - t1
+                report.timings["total"] = self.clock.monotonic() - t0
+                report.awake = tuple(self._awake(self._observe()))
             return report
 
     def down(self, models: Sequence[str] | None = None) -> Report:
@@ -900,21 +907,22 @@ class Fleet:
             else:
                 names = list(seen)
             report = Report("down", tuple(names))
-            for name in names:
-                ms = seen.get(name)
-                if ms is None:
-                    continue
-                for i, s in sorted(ms.replicas.items()):
-                    if not s.records:
+            with self._interruptible(report, again=" ".join(["fleet down", *(models or ())])):
+                for name in names:
+                    ms = seen.get(name)
+                    if ms is None:
                         continue
-                    t = self.clock.monotonic()
-                    for rec in s.records:
-                        self.say(f"removing {self.label(name, i)} ({rec.name})")
-                        if rec.running:
-                            self.engine.stop(rec.id, self.stop_timeout)
-                        self.engine.remove(rec.id, force=True)
-                    report.actions.append(ActionTaken(name, "remove",
-                                                      self.clock.monotonic() - t, replica=i))
+                    for i, s in sorted(ms.replicas.items()):
+                        if not s.records:
+                            continue
+                        t = self.clock.monotonic()
+                        for rec in s.records:
+                            self.say(f"removing {self.label(name, i)} ({rec.name})")
+                            if rec.running:
+                                self.engine.stop(rec.id, self.stop_timeout)
+                            self.engine.remove(rec.id, force=True)
+                        report.actions.append(ActionTaken(name, "remove",
+                                                          self.clock.monotonic() - t, replica=i))
             report.timings["total"] = self.clock.monotonic() - t0
             return report
 
@@ -945,34 +953,37 @@ class Fleet:
             seen = self._observe()
             ms = seen[m.name]
             report = Report("scale", (m.name,))
-            self._remove_strays(m, ms, report)
-            awake = list(ms.awake(m.replica_slots))
-            if len(awake) < replicas:
-                add = [i for i in range(m.replica_slots) if i not in awake][:replicas - len(awake)]
-                others = self._awake_map(seen, exclude=m.name)
-                violations = check_placement(self.registry,
-                                             {**others, m.name: sorted({*awake, *add})})
-                if violations:
-                    beside = ", ".join(others) or "nothing else"
-                    raise PlacementRefused(
-                        f"cannot scale {m.name} to {replicas} replica(s) beside what is awake "
-                        f"({beside}); scaling never evicts (`fleet switch` does):", violations)
-                for i in add:
-                    self._start(m, i, ms.replicas[i], report, again=again)
-                t1 = self.clock.monotonic()
-                report.timings["start"] = t1 - t0
-                self._wait_healthy([(m, i) for i in add], report, deadline=deadline,
-                                   again=again)
-                report.timings["healthy"] = self.clock.monotonic() - t1
-            elif len(awake) > replicas:
-                for i in sorted(awake, reverse=True)[:len(awake) - replicas]:
-                    self._evict_replica(m, i, ms.replicas[i], "stop",
-                                        f"scaled to {replicas}", report)
-            else:
-                report.actions.append(ActionTaken(
-                    m.name, "none", 0.0, f"already {replicas} awake replica(s)"))
-            report.timings["total"] = self.clock.monotonic() - t0
-            report.awake = tuple(self._awake(self._observe()))
+            with self._interruptible(report, again=again):
+                self._remove_strays(m, ms, report)
+                awake = list(ms.awake(m.replica_slots))
+                if len(awake) < replicas:
+                    free = [i for i in range(m.replica_slots) if i not in awake]
+                    add = free[:replicas - len(awake)]
+                    others = self._awake_map(seen, exclude=m.name)
+                    violations = check_placement(self.registry,
+                                                 {**others, m.name: sorted({*awake, *add})})
+                    if violations:
+                        beside = ", ".join(others) or "nothing else"
+                        raise PlacementRefused(
+                            f"cannot scale {m.name} to {replicas} replica(s) beside what is "
+                            f"awake ({beside}); scaling never evicts (`fleet switch` does):",
+                            violations)
+                    for i in add:
+                        self._start(m, i, ms.replicas[i], report, again=again)
+                    t1 = self.clock.monotonic()
+                    report.timings["start"] = t1 - t0
+                    self._wait_healthy([(m, i) for i in add], report, deadline=deadline,
+                                       again=again)
+                    report.timings["healthy"] = self.clock.monotonic() - t1
+                elif len(awake) > replicas:
+                    for i in sorted(awake, reverse=True)[:len(awake) - replicas]:
+                        self._evict_replica(m, i, ms.replicas[i], "stop",
+                                            f"scaled to {replicas}", report)
+                else:
+                    report.actions.append(ActionTaken(
+                        m.name, "none", 0.0, f"already {replicas} awake replica(s)"))
+                report.timings["total"] = self.clock.monotonic() - t0
+                report.awake = tuple(self._awake(self._observe()))
             return report
 
     # -- sleep / wake --------------------------------------------------------------------
@@ -993,15 +1004,16 @@ class Fleet:
             if not awake:
                 state = model_state(ms.states(self.up_set(m, ms)))
                 report.actions.append(ActionTaken(m.name, "none", 0.0, f"already {state}"))
-            for i in awake:
-                s = ms.replicas[i]
-                can_sleep = m.sleep_mode and s.state in ("healthy", "running")
-                why = "requested" if can_sleep else (
-                    "no sleep_mode: stopped instead" if not m.sleep_mode
-                    else f"{s.state}: cannot sleep, stopped instead")
-                self._evict_replica(m, i, s, "sleep" if can_sleep else "stop", why, report)
-            report.timings["total"] = self.clock.monotonic() - t0
-            report.awake = tuple(self._awake(self._observe()))
+            with self._interruptible(report):
+                for i in awake:
+                    s = ms.replicas[i]
+                    can_sleep = m.sleep_mode and s.state in ("healthy", "running")
+                    why = "requested" if can_sleep else (
+                        "no sleep_mode: stopped instead" if not m.sleep_mode
+                        else f"{s.state}: cannot sleep, stopped instead")
+                    self._evict_replica(m, i, s, "sleep" if can_sleep else "stop", why, report)
+                report.timings["total"] = self.clock.monotonic() - t0
+                report.awake = tuple(self._awake(self._observe()))
             return report
 
     def wake(self, model: str) -> Report:
@@ -1021,14 +1033,15 @@ class Fleet:
                     f"cannot wake {m.name} beside {', '.join(others) or 'nothing else'}; "
                     f"`fleet switch {m.name}` evicts what is in the way:", violations)
             report = Report("wake", (m.name,))
-            for i in want:
-                self._start(m, i, ms.replicas[i], report)
-            t1 = self.clock.monotonic()
-            report.timings["start"] = t1 - t0
-            self._wait_healthy([(m, i) for i in want], report)
-            report.timings["healthy"] = self.clock.monotonic() - t1
-            report.timings["total"] = self.clock.monotonic() - t0
-            report.awake = tuple(self._awake(self._observe()))
+            with self._interruptible(report):
+                for i in want:
+                    self._start(m, i, ms.replicas[i], report)
+                t1 = self.clock.monotonic()
+                report.timings["start"] = t1 - t0
+                self._wait_healthy([(m, i) for i in want], report)
+                report.timings["healthy"] = self.clock.monotonic() - t1
+                report.timings["total"] = self.clock.monotonic() - t0
+                report.awake = tuple(self._awake(self._observe()))
             return report
 
     # -- logs ----------------------------------------------------------------------------

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from fleet.engine import NoGpuRuntime
-from fleet.lifecycle import Fleet, PlacementRefused, ScaleOutOfRange, StartFailed, UnknownModel
+from fleet.engine import DockerUnreachable, NoGpuRuntime
+from fleet.lifecycle import (
+    Fleet,
+    Interrupted,
+    PlacementRefused,
+    ScaleOutOfRange,
+    StartFailed,
+    UnknownModel,
+)
 from support.fleet_fakes import REPLICA_TOML, FakeWorld, make_fleet, make_registry, spec_hash_of
 
 pytestmark = pytest.mark.unit
@@ -587,3 +594,96 @@ def test_switch_refuses_before_evicting_when_the_target_image_is_missing(tmp_pat
     assert "nothing was evicted" in str(info.value) and "scripts/build-images.sh" in str(info.value)
     assert [c for c in world.calls[len(before):] if c[0] in ("stop", "sleep", "run")] == []
     assert [s.state for s in fleet.status(["a"])] == ["healthy"]
+
+
+# -- the Docker daemon lost part-way through an operation ---------------------------------
+
+LOST = DockerUnreachable("cannot reach the Docker daemon at unix:///fake.sock: connection "
+                         "refused")
+
+
+def assert_interrupted(exc: pytest.ExceptionInfo[Interrupted], operation: str, done: str,
+                       again: str) -> None:
+    """The message states the operation, what was done, the state (unknown: the daemon does
+    not answer) and the command to run again."""
+    assert str(exc.value).splitlines() == [
+        f"{operation} interrupted: {LOST}",
+        f"done before that: {done}",
+        "fleet state now: unknown while the Docker daemon does not answer",
+        "to recover: when the cause above is fixed (the Docker daemon answers `docker info`), "
+        f"`fleet status` shows where the fleet stands; then run `{again}` again",
+    ]
+    assert exc.value.exit_code == 1 and exc.value.__cause__ is LOST
+
+
+def test_up_interrupted_after_creating_one_model_says_so_and_up_again_recovers(
+        fleet: Fleet, world: FakeWorld) -> None:
+    world.cut_after("run", LOST)
+    with pytest.raises(Interrupted) as exc:
+        fleet.up(["a", "c"])
+    assert_interrupted(exc, "up a c", "a create", "fleet up a c")
+    assert not fleet.lock.held
+    world.unreachable = None
+    report = fleet.up(["a", "c"])
+    assert [(x.model, x.action) for x in report.actions] == [("a", "none"), ("c", "create")]
+    assert world.awake_models() == {"a", "c"}
+
+
+def test_down_interrupted_after_removing_one_model(fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["a", "c"])
+    world.cut_after("remove", LOST)
+    with pytest.raises(Interrupted) as exc:
+        fleet.down()
+    assert_interrupted(exc, "down a b c", "a remove", "fleet down")
+    assert [c.model for c in world.containers.values()] == ["c"]
+    world.unreachable = None
+    fleet.down()
+    assert world.containers == {}
+
+
+def test_sleep_interrupted_after_stopping_one_replica(rfleet: Fleet, world: FakeWorld) -> None:
+    rfleet.up(["auto"])
+    rfleet.scale("auto", 2)
+    world.cut_after("stop", LOST)
+    with pytest.raises(Interrupted) as exc:
+        rfleet.sleep("auto")
+    assert_interrupted(exc, "sleep auto", "auto[0] stop (no sleep_mode: stopped instead)",
+                       "fleet sleep auto")
+    world.unreachable = None
+    rfleet.sleep("auto")
+    assert world.awake_containers() == []
+
+
+def test_wake_interrupted_while_the_model_loads(fleet: Fleet, world: FakeWorld) -> None:
+    fleet.up(["b"])
+    fleet.sleep("b")   # no sleep_mode: stopped
+    world.cut_after("start", LOST)
+    with pytest.raises(Interrupted) as exc:
+        fleet.wake("b")
+    assert_interrupted(exc, "wake b", "b start", "fleet wake b")
+    world.unreachable = None
+    assert fleet.wake("b").actions[0].action == "none"   # already up: adopted
+    assert world.awake_models() == {"b"}
+
+
+def test_scale_up_interrupted_after_one_new_replica(rfleet: Fleet, world: FakeWorld) -> None:
+    rfleet.up(["auto"])
+    world.cut_after("run", LOST)
+    with pytest.raises(Interrupted) as exc:
+        rfleet.scale("auto", 3)
+    assert_interrupted(exc, "scale auto", "auto[1] create", "fleet scale auto 3")
+    world.unreachable = None
+    rfleet.scale("auto", 3)
+    assert len(world.awake_containers()) == 3
+
+
+def test_scale_down_interrupted_after_one_stop(rfleet: Fleet, world: FakeWorld) -> None:
+    rfleet.up(["auto"])
+    rfleet.scale("auto", 3)
+    world.cut_after("stop", LOST)
+    with pytest.raises(Interrupted) as exc:
+        rfleet.scale("auto", 1)
+    assert_interrupted(exc, "scale auto", "auto[2] stop (scaled to 1)", "fleet scale auto 1")
+    world.unreachable = None
+    rfleet.scale("auto", 1)
+    assert world.awake_containers() == ["vllm-fleet-auto"]

@@ -2,7 +2,8 @@
 
 `FakeWorld` ties them together: containers "load" for `load_seconds` of fake time after a
 start, then answer /health; `crash` makes a model's container exit at start with log lines;
-`fail_run` makes `run` raise an engine error. Every engine and probe call is recorded in
+`fail_run` makes `run` raise an engine error; `unreachable` makes every engine call raise,
+and `cut_after` makes the daemon go away part-way through an operation. Every engine and probe call is recorded in
 `world.calls` as a tuple, e.g. ("run", "vllm-fleet-a"), ("stop", "vllm-fleet-a"),
 ("sleep", "a").
 """
@@ -67,11 +68,25 @@ class FakeWorld:
         self.missing_images: set[str] = set()  # images has_image() says are absent
         self.sleep_fails: set[str] = set()  # models whose POST /sleep fails
         self.unreachable: EngineError | None = None  # every engine call raises this
+        self._cut: tuple[str, int, EngineError] | None = None
         self._ids = itertools.count(1)
         self.engine = FakeEngine(self)
         self.probe = FakeProbe(self)
 
     # -- helpers for tests -----------------------------------------------------------
+
+    def cut_after(self, call: str, error: EngineError, count: int = 1) -> None:
+        """The daemon goes away once `count` more calls named `call` (e.g. "run", "stop",
+        "remove", "start", "sleep") are recorded: every engine call after that raises
+        `error` (as `unreachable` does; set `unreachable = None` to bring it back)."""
+        done = len(self.names(call))
+        self._cut = (call, done + count, error)
+
+    def _check_cut(self) -> None:
+        if self._cut is not None and self.unreachable is None:
+            call, count, error = self._cut
+            if len(self.names(call)) >= count:
+                self.unreachable, self._cut = error, None
 
     def add_container(self, model: str, *, port: int, spec_hash: str, state: str = "running",
                       name: str | None = None, labels: Mapping[str, str] | None = None,
@@ -132,6 +147,7 @@ class FakeEngine:
         self.w = world
 
     def _check(self) -> None:
+        self.w._check_cut()
         if self.w.unreachable is not None:
             raise self.w.unreachable
 
