@@ -19,12 +19,14 @@ from collections.abc import Callable, Collection, Mapping
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fleet.clock import Clock
 from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DockerEngine, Engine
 from fleet.health import HttpProbe, Probe
-from fleet.lifecycle import DEFAULT_STOP_TIMEOUT, Clock, Fleet, ModelStatus, Report
+from fleet.lifecycle import DEFAULT_STOP_TIMEOUT, Fleet
 from fleet.lock import DEFAULT_LOCK_TIMEOUT, SwitchLock, default_lock_path
 from fleet.planner import READY_STATES
 from fleet.registry import Registry
+from fleet.report import ModelStatus, Report
 from fleet.spec import DEFAULT_NAME_PREFIX
 
 

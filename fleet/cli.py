@@ -33,9 +33,10 @@ from typing import Any, TextIO
 from fleet.api import SettingsError
 from fleet.engine import EngineError
 from fleet.health import ProbeError
-from fleet.lifecycle import Fleet, FleetError, ModelStatus, Report
+from fleet.lifecycle import Fleet
 from fleet.lock import LockTimeout
 from fleet.registry import Registry, RegistryError, load_registry, registry_path
+from fleet.report import FleetError, ModelStatus, Report
 from fleet.spec import SpecError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

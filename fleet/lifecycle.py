@@ -6,14 +6,10 @@ global state: the truth lives in Docker (containers, their labels) and in each m
 so two `fleet` processes (or a gateway activation and a CLI switch) never both decide that
 the same GPU memory is free.
 
-States a model can be in (`ModelStatus.state`, the same words the planner uses):
-
-- absent: no container; stopped: a container that is not running (created/exited);
-- loading: running, /health not answering yet; healthy: running, /health 200;
-- running: running but unhealthy past its health timeout (or Docker says unhealthy);
-- sleeping: vLLM sleep mode, weights offloaded (`/is_sleeping` true);
-- drifted: the container was made from another spec (registry changed): `fleet up`
-  recreates it. A managed container whose model left the registry is listed as drifted too.
+Reading the world (containers -> classified replica states, status rows) is
+`fleet.observe`; what an operation returns or raises (Report, FleetError...) is
+`fleet.report`. This module acts: up, down, switch, sleep, wake, scale, logs, and the waits
+for health.
 
 Replicas: each replica of a model is its own container (`fleet.spec`), observed, classified
 and acted on one by one; a status row is one replica. What a model "brings up" (up, switch,
@@ -27,250 +23,62 @@ models. The planner counts every awake replica against the GPU and CPU budgets.
 from __future__ import annotations
 
 import os
-import signal
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from fleet.engine import ContainerRecord, DockerUnreachable, Engine, EngineError, ImageMissing
+from fleet.autoscale import replica_bounds
+from fleet.clock import Clock, SystemClock
+from fleet.engine import (
+    ContainerRecord,
+    DockerUnreachable,
+    Engine,
+    EngineError,
+    ImageMissing,
+)
 from fleet.health import Probe, ProbeError
 from fleet.lock import SwitchLock
-from fleet.autoscale import replica_bounds
+from fleet.observe import (
+    ModelSeen,
+    Observer,
+    ReplicaSeen,
+    awake_map,
+    awake_models,
+    base_url,
+    ended_reason,
+    observed_models,
+    replica_label,
+    up_set,
+)
 from fleet.planner import (
-    AWAKE_STATES,
     READY_STATES,
     Eviction,
     ObservedModel,
     SwitchPlan,
-    Violation,
     check_placement,
     model_state,
     plan_switch,
     replica_specs,
 )
 from fleet.registry import ModelSpec, Registry, replica_service_name
-from fleet.spec import DEFAULT_NAME_PREFIX, LABEL_REPLICA, ContainerSpec, docker_run_kwargs
+from fleet.report import (
+    ActionTaken,
+    FleetError,
+    Interrupted,
+    ModelFailure,
+    ModelStatus,
+    PlacementRefused,
+    Report,
+    ScaleOutOfRange,
+    StartFailed,
+    UnknownModel,
+)
+from fleet.spec import DEFAULT_NAME_PREFIX, ContainerSpec, docker_run_kwargs
 
 DEFAULT_STOP_TIMEOUT = 30.0
 DEFAULT_LOG_LINES = 30
 SLEEP_CONFIRM_SECONDS = 30.0
-
-
-# ---------------------------------------------------------------------------------------
-# Injected parts and results
-# ---------------------------------------------------------------------------------------
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-
-    def time(self) -> float: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def time(self) -> float:
-        return time.time()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
-class FleetError(RuntimeError):
-    """An operation failed; `exit_code` is what the CLI exits with."""
-
-    exit_code = 1
-
-
-class UnknownModel(FleetError):
-    exit_code = 2
-
-
-class ScaleOutOfRange(FleetError):
-    """`scale` to a count outside the model's replica range (a usage error)."""
-
-    exit_code = 2
-
-
-class PlacementRefused(FleetError):
-    """The requested models cannot be awake together with what is awake (or at all)."""
-
-    def __init__(self, message: str, violations: Sequence[Violation]) -> None:
-        self.violations = tuple(violations)
-        lines = "\n".join(f"  - [{v.kind}] {v.message}" for v in self.violations)
-        super().__init__(f"{message}\n{lines}" if lines else message)
-
-
-@dataclass(frozen=True)
-class ModelFailure:
-    model: str
-    reason: str
-    container: str | None
-    log_tail: str
-    replica: int | None = None  # set for a model with several replica slots
-
-    @property
-    def label(self) -> str:
-        return f"model {self.model!r}" + ("" if self.replica is None
-                                          else f" replica {self.replica}")
-
-
-class StartFailed(FleetError):
-    """One or more models did not become healthy; the message has their logs and the state."""
-
-    def __init__(self, failures: Sequence[ModelFailure], state: str, recover: str) -> None:
-        self.failures = tuple(failures)
-        self.state = state
-        self.recover = recover
-        parts: list[str] = []
-        for f in self.failures:
-            parts.append(f"{f.label} failed to start: {f.reason}")
-            if f.log_tail.strip():
-                parts.append(f"--- last log lines of {f.container} ---")
-                parts.append(f.log_tail.rstrip("\n"))
-                parts.append("---")
-        parts.append(f"fleet state now: {state}")
-        parts.append(f"to recover: {recover}")
-        super().__init__("\n".join(parts))
-
-
-class Interrupted(FleetError):
-    """The container engine failed part-way through an operation, after the fleet began to
-    act (e.g. the Docker daemon went away while the target loaded): the message says what
-    had been done, the state now (unknown while the daemon does not answer) and how to
-    recover."""
-
-    def __init__(self, operation: str, cause: EngineError, done: Sequence[str], state: str,
-                 recover: str) -> None:
-        self.cause = cause
-        self.done = tuple(done)
-        self.state = state
-        self.recover = recover
-        super().__init__("\n".join([
-            f"{operation} interrupted: {cause}",
-            f"done before that: {'; '.join(self.done) or 'nothing'}",
-            f"fleet state now: {state}",
-            f"to recover: {recover}",
-        ]))
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """One row of `fleet status`: one replica of a model (`replica` 0 for a single one)."""
-
-    name: str
-    state: str
-    port: int | None
-    gpus: tuple[int, ...]
-    fraction: float | None
-    uptime: float | None
-    health: str
-    container: str | None = None
-    detail: str = ""
-    replica: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["gpus"] = list(self.gpus)
-        d["uptime"] = None if self.uptime is None else round(self.uptime, 1)
-        return d
-
-
-@dataclass(frozen=True)
-class ActionTaken:
-    model: str
-    action: str  # sleep, stop, wake, start, restart, create, recreate, remove, none
-    seconds: float
-    note: str = ""
-    replica: int = 0
-
-
-@dataclass
-class Report:
-    """What an operation did (one action per replica acted on), with phase timings in
-    seconds (evict, start, healthy, total)."""
-
-    operation: str
-    target: tuple[str, ...]
-    actions: list[ActionTaken] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    awake: tuple[str, ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "operation": self.operation,
-            "target": list(self.target),
-            "actions": [asdict(a) for a in self.actions],
-            "timings": {k: round(v, 3) for k, v in self.timings.items()},
-            "awake": list(self.awake),
-        }
-
-    def timing_line(self) -> str:
-        return ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
-
-
-SwitchReport = Report
-
-
-# ---------------------------------------------------------------------------------------
-# Observation
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Seen:
-    """One replica's container(s) as observed, with its classified status."""
-
-    status: ModelStatus
-    record: ContainerRecord | None
-    extras: tuple[ContainerRecord, ...] = ()  # more containers labelled with the same replica
-
-    @property
-    def state(self) -> str:
-        return self.status.state
-
-    @property
-    def records(self) -> tuple[ContainerRecord, ...]:
-        return tuple(r for r in (self.record, *self.extras) if r is not None)
-
-
-@dataclass(frozen=True)
-class _ModelSeen:
-    """One model as observed: every replica slot of a registry model (absent ones too) and
-    any other replica index a container carries."""
-
-    name: str
-    replicas: Mapping[int, _Seen]
-
-    def awake(self, below: int | None = None) -> tuple[int, ...]:
-        """Indices of the awake replicas (only those < `below` when given)."""
-        return tuple(i for i, s in sorted(self.replicas.items())
-                     if s.state in AWAKE_STATES and (below is None or i < below))
-
-    def states(self, indices: Iterable[int]) -> list[str]:
-        return [self.replicas[i].state for i in indices if i in self.replicas]
-
-
-def replica_index(rec: ContainerRecord) -> int:
-    """A container's replica index from its label (0 when missing: made before replicas)."""
-    try:
-        return max(0, int(rec.labels.get(LABEL_REPLICA, "0")))
-    except ValueError:
-        return 0
-
-
-def _pick(records: Sequence[ContainerRecord], preferred_name: str | None) -> ContainerRecord:
-    def key(r: ContainerRecord) -> tuple[int, int, float]:
-        return (r.running, r.name == preferred_name, r.started_at or 0.0)
-
-    return max(records, key=key)
 
 
 Unit = tuple[ModelSpec, int]  # (model, replica index)
@@ -366,27 +174,28 @@ class Fleet:
                                f"it but never starts or stops it")
         return m
 
-    def base_url(self, m: ModelSpec, replica: int = 0) -> str:
-        ip = self.registry.host_ip(m)
-        if ip in ("", "0.0.0.0", "::"):
-            ip = "127.0.0.1"
-        if ":" in ip:
-            ip = f"[{ip}]"
-        return f"http://{ip}:{m.replica_port(replica)}"
-
     def label(self, name: str, replica: int) -> str:
-        """How messages name a replica: the model's name when it has a single replica slot,
-        else `name[i]`."""
-        m = self.registry.models.get(name)
-        single = (m.replica_slots == 1) if m is not None else True
-        return name if (single and replica == 0) else f"{name}[{replica}]"
+        """How messages name a replica: `name`, or `name[i]` for a model with several
+        replica slots (`fleet.observe.replica_label`)."""
+        return replica_label(self.registry, name, replica)
 
-    @staticmethod
-    def up_set(m: ModelSpec, ms: _ModelSeen) -> tuple[int, ...]:
-        """The replicas up/switch/wake bring up: 0..initial_replicas-1 and any sleeping one."""
-        sleeping = {i for i, s in ms.replicas.items()
-                    if s.state == "sleeping" and i < m.replica_slots}
-        return tuple(sorted({*range(m.initial_replicas), *sleeping}))
+    @property
+    def observer(self) -> Observer:
+        """Reads the world with this fleet's parts (made on each use: it holds no state)."""
+        return Observer(self.registry, self.engine, self.probe, self.clock, self.replica_specs,
+                        self.extra_labels)
+
+    def status(self, models: Collection[str] | None = None, *,
+               probe: bool = True) -> list[ModelStatus]:
+        """One row per replica of `models` (names; default: every managed model and every
+        orphaned managed container): replicas 0..initial_replicas-1 always, others when they
+        have a container. Read-only: no lock needed."""
+        return self.observer.status(models, probe=probe)
+
+    def _observed_models(self, seen: Mapping[str, ModelSeen],
+                         target: str | None = None) -> dict[str, ObservedModel]:
+        return observed_models(self.registry, seen, target, busy=self.busy,
+                               last_used=self.last_used)
 
     @contextmanager
     def _locked(self, deadline: float | None = None) -> Iterator[None]:
@@ -397,181 +206,16 @@ class Fleet:
         finally:
             self.lock.release()
 
-    # -- observe -------------------------------------------------------------------------
-
-    def _observe(self, *, probe: bool = True,
-                 only: Collection[str] | None = None) -> dict[str, _ModelSeen]:
-        records = self.engine.list_managed(self.extra_labels)
-        grouped: dict[str, dict[int, list[ContainerRecord]]] = {}
-        for r in records:
-            grouped.setdefault(r.model, {}).setdefault(replica_index(r), []).append(r)
-        seen: dict[str, _ModelSeen] = {}
-        now = self.clock.time()
-        for name, m in self.registry.models.items():
-            if not m.managed:
-                continue
-            specs = self.replica_specs[name]
-            mine = grouped.pop(name, {})
-            if only is not None and name not in only:
-                continue
-            replicas: dict[int, _Seen] = {}
-            for i in sorted({*range(len(specs)), *mine}):
-                recs = mine.get(i, [])
-                if i < len(specs):
-                    rec = _pick(recs, specs[i].name) if recs else None
-                    status = self._classify(m, i, specs[i], rec, now, probe)
-                else:
-                    rec = _pick(recs, None)
-                    status = self._stray(name, i, rec, now,
-                                         f"replica {i} is beyond the {len(specs)} replica "
-                                         f"slot(s) the registry gives {name}: `fleet up {name}` "
-                                         f"or `fleet scale` removes it")
-                replicas[i] = _Seen(status, rec, tuple(r for r in recs if r is not rec))
-            seen[name] = _ModelSeen(name, replicas)
-        for name, mine in grouped.items():  # managed containers the registry no longer has
-            if only is not None and name not in only:
-                continue
-            replicas = {}
-            for i, recs in sorted(mine.items()):
-                rec = _pick(recs, None)
-                replicas[i] = _Seen(self._stray(
-                    name or "?", i, rec, now,
-                    f"not in the registry: remove it with `fleet down {name}`"),
-                    rec, tuple(r for r in recs if r is not rec))
-            seen[name] = _ModelSeen(name, replicas)
-        return seen
-
-    @staticmethod
-    def _stray(name: str, replica: int, rec: ContainerRecord, now: float,
-               detail: str) -> ModelStatus:
-        return ModelStatus(name=name, state="drifted", port=rec.ports[0] if rec.ports else None,
-                           gpus=(), fraction=None, uptime=_uptime(rec, now), health=rec.state,
-                           container=rec.name, detail=detail, replica=replica)
-
-    def _classify(self, m: ModelSpec, replica: int, spec: ContainerSpec,
-                  rec: ContainerRecord | None, now: float, probe: bool) -> ModelStatus:
-        base = dict(name=m.name, port=m.replica_port(replica), gpus=tuple(m.gpus),
-                    fraction=self.registry.gpu_fraction(m), replica=replica)
-        if rec is None:
-            return ModelStatus(state="absent", uptime=None, health="-", **base)
-        uptime = _uptime(rec, now)
-        common = dict(uptime=uptime, container=rec.name, **base)
-        if not rec.running:
-            state = "drifted" if rec.spec_hash != spec.spec_hash else "stopped"
-            detail = f"container {rec.state}{_exit_note(rec)}"
-            if state == "drifted":
-                detail += "; the registry changed since it was made: `fleet up` recreates it"
-            return ModelStatus(state=state, health="-", detail=detail, **common)
-        if rec.state == "paused":
-            return ModelStatus(state="running", health="paused",
-                               detail="container paused (`docker unpause`)", **common)
-        if rec.state == "restarting":
-            return ModelStatus(state="loading", health="restarting",
-                               detail=f"container restarting (restarts: {rec.restart_count})",
-                               **common)
-        health, sleeping, detail = "-", False, ""
-        url = self.base_url(m, replica)
-        if probe:
-            result = self.probe.health(url)
-            if result.ok:
-                health = "ok"
-                if m.sleep_mode and self.probe.is_sleeping(url):
-                    sleeping, health = True, "sleeping"
-            else:
-                health = rec.health or "starting"
-                detail = f"/health: {result.detail}"
-        else:
-            health = rec.health or "-"
-        if rec.spec_hash != spec.spec_hash:
-            return ModelStatus(state="drifted", health=health,
-                               detail="the registry changed since this container was made: "
-                                      "`fleet up` recreates it", **common)
-        if sleeping:
-            state = "sleeping"
-        elif health == "ok" or (not probe and rec.health == "healthy"):
-            state = "healthy"
-        elif rec.health == "unhealthy" or (uptime or 0.0) > self.registry.health_timeout(m):
-            state, health = "running", "unhealthy"
-        elif not probe and rec.health is None:
-            state = "running"
-        else:
-            state = "loading"
-        return ModelStatus(state=state, health=health, detail=detail, **common)
-
-    def status(self, models: Collection[str] | None = None, *,
-               probe: bool = True) -> list[ModelStatus]:
-        """One row per replica of `models` (names; default: every managed model and every
-        orphaned managed container): replicas 0..initial_replicas-1 always, others when they
-        have a container. Read-only: no lock needed."""
-        only = None if models is None else {self._name(x) for x in models}
-        rows: list[ModelStatus] = []
-        for name, ms in self._observe(probe=probe, only=only).items():
-            m = self.registry.models.get(name)
-            shown = m.initial_replicas if m is not None else 0
-            rows += [s.status for i, s in sorted(ms.replicas.items())
-                     if i < shown or s.record is not None]
-        return rows
-
-    def _name(self, model: str) -> str:
-        m = self.registry.get(model)
-        return m.name if m is not None else model
-
-    def _observed_models(self, seen: Mapping[str, _ModelSeen],
-                         target: str | None = None) -> dict[str, ObservedModel]:
-        """The planner's view. The target's state covers its up set (ready only when all of
-        it is); another model's covers its awake replicas (what an eviction acts on)."""
-        out: dict[str, ObservedModel] = {}
-        for name, ms in seen.items():
-            m = self.registry.models.get(name)
-            if m is None:
-                continue
-            awake = ms.awake(below=m.replica_slots)
-            if name == target or not awake:
-                state = model_state(ms.states(sorted({*self.up_set(m, ms), *awake})))
-            else:
-                state = model_state(ms.states(awake))
-            busy = bool(self.busy(name)) if self.busy is not None else False
-            last = float(self.last_used(name)) if self.last_used is not None else 0.0
-            out[name] = ObservedModel(name, state, busy=busy, last_used=last, replicas=awake)
-        return out
-
-    @staticmethod
-    def _awake(seen: Mapping[str, _ModelSeen]) -> list[str]:
-        return [n for n, ms in seen.items() if ms.awake()]
-
-    def _awake_map(self, seen: Mapping[str, _ModelSeen],
-                   exclude: str | None = None) -> dict[str, tuple[int, ...]]:
-        """Awake replica indices of every registry model (but `exclude`) with any awake."""
-        out: dict[str, tuple[int, ...]] = {}
-        for name, ms in seen.items():
-            m = self.registry.models.get(name)
-            if m is not None and name != exclude and (awake := ms.awake(m.replica_slots)):
-                out[name] = awake
-        return out
-
-    def _state_line(self) -> str:
-        try:
-            seen = self._observe()
-        except DockerUnreachable:
-            return "unknown while the Docker daemon does not answer"
-        except EngineError as exc:
-            return f"unknown ({exc})"
-        parts = [f"{self.label(n, i)} {s.state}" for n, ms in seen.items()
-                 for i, s in sorted(ms.replicas.items()) if s.state != "absent"]
-        awake = self._awake(seen)
-        return (", ".join(parts) or "no containers") + \
-            f"; awake: {', '.join(awake) if awake else 'none'}"
-
     # -- switch --------------------------------------------------------------------------
 
     def plan(self, target: str, *, force: bool = False) -> SwitchPlan:
         """What `switch(target)` would do now (dry run; no lock, no action)."""
-        seen = self._observe()
+        seen = self.observer.observe()
         m = self.registry.get(target)
         replicas = None
         if m is not None and m.managed and m.name in seen:
             ms = seen[m.name]
-            replicas = sorted({*self.up_set(m, ms), *ms.awake(m.replica_slots)})
+            replicas = sorted({*up_set(m, ms), *ms.awake(m.replica_slots)})
         name = m.name if m is not None else target
         return plan_switch(self.registry, self._observed_models(seen, name), target,
                            force=force, replicas=replicas)
@@ -586,9 +230,9 @@ class Fleet:
         m = self.model(target)
         t0 = self.clock.monotonic()
         with self._locked(deadline):
-            seen = self._observe()
+            seen = self.observer.observe()
             ms = seen[m.name]
-            want = self.up_set(m, ms)
+            want = up_set(m, ms)
             plan = plan_switch(self.registry, self._observed_models(seen, m.name), m.name,
                                force=force,
                                replicas=sorted({*want, *ms.awake(m.replica_slots)}))
@@ -618,7 +262,7 @@ class Fleet:
                                    deadline=deadline)
                 report.timings["healthy"] = self.clock.monotonic() - t_healthy
                 report.timings["total"] = self.clock.monotonic() - t0
-                report.awake = tuple(self._awake(self._observe()))
+                report.awake = tuple(awake_models(self.observer.observe()))
             return report
 
     @contextmanager
@@ -640,9 +284,9 @@ class Fleet:
             if recover_extra:
                 recover += f"; or {recover_extra}"
             raise Interrupted(f"{report.operation} {' '.join(report.target)}", exc, done,
-                              self._state_line(), recover) from exc
+                              self.observer.state_line(), recover) from exc
 
-    def _evict(self, ev: Eviction, ms: _ModelSeen, report: Report) -> None:
+    def _evict(self, ev: Eviction, ms: ModelSeen, report: Report) -> None:
         """Sleep or stop every awake replica of `ev.model` (a replica that is not running
         or healthy cannot sleep: it is stopped)."""
         m = self.registry.models[ev.model]
@@ -651,7 +295,7 @@ class Fleet:
             action = ev.action if s.state in ("healthy", "running") else "stop"
             self._evict_replica(m, i, s, action, ev.reason, report)
 
-    def _evict_replica(self, m: ModelSpec, replica: int, seen: _Seen, action: str,
+    def _evict_replica(self, m: ModelSpec, replica: int, seen: ReplicaSeen, action: str,
                        reason: str, report: Report) -> None:
         t = self.clock.monotonic()
         note = reason
@@ -670,7 +314,7 @@ class Fleet:
                                           replica=replica))
 
     def _sleep_vllm(self, m: ModelSpec, replica: int = 0) -> None:
-        url = self.base_url(m, replica)
+        url = base_url(self.registry, m, replica)
         self.probe.sleep(url, level=1)
         deadline = self.clock.monotonic() + SLEEP_CONFIRM_SECONDS
         while self.probe.is_sleeping(url) is not True:
@@ -679,12 +323,12 @@ class Fleet:
                                  f"{SLEEP_CONFIRM_SECONDS:g}s")
             self.clock.sleep(self.poll_interval)
 
-    def _stop_all(self, seen: _Seen) -> None:
+    def _stop_all(self, seen: ReplicaSeen) -> None:
         for rec in seen.records:
             if rec.running:
                 self.engine.stop(rec.id, self.stop_timeout)
 
-    def _bring_up(self, m: ModelSpec, replica: int, seen: _Seen, report: Report) -> None:
+    def _bring_up(self, m: ModelSpec, replica: int, seen: ReplicaSeen, report: Report) -> None:
         """Start, create, recreate or wake one replica (no waiting)."""
         t = self.clock.monotonic()
         rec = seen.record
@@ -697,7 +341,7 @@ class Fleet:
         if state == "sleeping":
             self.say(f"waking {who}")
             try:
-                self.probe.wake_up(self.base_url(m, replica))
+                self.probe.wake_up(base_url(self.registry, m, replica))
                 done = "wake"
             except ProbeError as exc:
                 assert rec is not None
@@ -750,16 +394,16 @@ class Fleet:
         last: dict[tuple[str, int], str] = {}
         while pending:
             for key, (m, i) in list(pending.items()):
-                rec = self._current(m.name, i)
+                rec = self.observer.current(m.name, i)
                 reason = None
                 if rec is None:
                     reason = "its container disappeared"
                 elif rec.state in ("exited", "dead", "created"):
-                    reason = _ended_reason(rec)
+                    reason = ended_reason(rec)
                 elif rec.state == "restarting":
                     reason = "its container is crash-looping (restarting)"
                 else:
-                    url = self.base_url(m, i)
+                    url = base_url(self.registry, m, i)
                     h = self.probe.health(url)
                     if h.ok and not (m.sleep_mode and self.probe.is_sleeping(url)):
                         del pending[key]
@@ -789,9 +433,9 @@ class Fleet:
                    f"`{again or f'fleet {report.operation} {names}'}` again")
         if recover_extra:
             recover += f"; or {recover_extra}"
-        return StartFailed(failures, self._state_line(), recover)
+        return StartFailed(failures, self.observer.state_line(), recover)
 
-    def _start(self, m: ModelSpec, replica: int, seen: _Seen, report: Report,
+    def _start(self, m: ModelSpec, replica: int, seen: ReplicaSeen, report: Report,
                recover_extra: str = "", again: str | None = None) -> None:
         """`_bring_up`, turning an engine refusal (port taken, no GPU runtime, image
         missing, name taken) into StartFailed, which states what is awake now. A daemon
@@ -805,11 +449,6 @@ class Fleet:
             failure = ModelFailure(m.name, str(exc), None, "",
                                    replica if m.replica_slots > 1 else None)
             raise self._start_failed([failure], report, recover_extra, again) from exc
-
-    def _current(self, name: str, replica: int = 0) -> ContainerRecord | None:
-        mine = [r for r in self.engine.list_managed(self.extra_labels)
-                if r.model == name and replica_index(r) == replica]
-        return _pick(mine, self.replica_specs[name][replica].name) if mine else None
 
     def _fail(self, m: ModelSpec, replica: int, rec: ContainerRecord | None,
               reason: str) -> ModelFailure:
@@ -829,7 +468,7 @@ class Fleet:
                 reason += f"; could not stop it: {exc}"
         return ModelFailure(m.name, reason, rec.name, tail, which)
 
-    def _remove_strays(self, m: ModelSpec, ms: _ModelSeen, report: Report) -> None:
+    def _remove_strays(self, m: ModelSpec, ms: ModelSeen, report: Report) -> None:
         """Remove the containers of replicas beyond the model's replica slots."""
         for i, s in sorted(ms.replicas.items()):
             if i < m.replica_slots or not s.records:
@@ -857,15 +496,15 @@ class Fleet:
         targets = self._targets(models, default_autostart=True)
         t0 = self.clock.monotonic()
         with self._locked():
-            seen = self._observe()
+            seen = self.observer.observe()
             names = [m.name for m in targets]
-            want = {m.name: self.up_set(m, seen[m.name]) for m in targets}
-            after = self._awake_map(seen)
+            want = {m.name: up_set(m, seen[m.name]) for m in targets}
+            after = awake_map(self.registry, seen)
             for name, indices in want.items():
                 after[name] = tuple(sorted({*after.get(name, ()), *indices}))
             violations = check_placement(self.registry, after)
             if violations:
-                others = [n for n in self._awake_map(seen) if n not in names]
+                others = [n for n in awake_map(self.registry, seen) if n not in names]
                 hint = (f" (awake now: {', '.join(others)}; use `fleet switch MODEL` to evict "
                         f"them, or `fleet down` first)" if others else "")
                 raise PlacementRefused(f"cannot bring up {', '.join(names)} together{hint}:",
@@ -889,7 +528,7 @@ class Fleet:
                 self._wait_healthy(units, report)
                 report.timings["healthy"] = self.clock.monotonic() - t1
                 report.timings["total"] = self.clock.monotonic() - t0
-                report.awake = tuple(self._awake(self._observe()))
+                report.awake = tuple(awake_models(self.observer.observe()))
             return report
 
     def down(self, models: Sequence[str] | None = None) -> Report:
@@ -898,7 +537,7 @@ class Fleet:
         registry)."""
         t0 = self.clock.monotonic()
         with self._locked():
-            seen = self._observe(probe=False)
+            seen = self.observer.observe(probe=False)
             if models:
                 names = []
                 for x in models:
@@ -950,7 +589,7 @@ class Fleet:
         again = f"fleet scale {m.name} {replicas}"
         t0 = self.clock.monotonic()
         with self._locked(deadline):
-            seen = self._observe()
+            seen = self.observer.observe()
             ms = seen[m.name]
             report = Report("scale", (m.name,))
             with self._interruptible(report, again=again):
@@ -959,7 +598,7 @@ class Fleet:
                 if len(awake) < replicas:
                     free = [i for i in range(m.replica_slots) if i not in awake]
                     add = free[:replicas - len(awake)]
-                    others = self._awake_map(seen, exclude=m.name)
+                    others = awake_map(self.registry, seen, exclude=m.name)
                     violations = check_placement(self.registry,
                                                  {**others, m.name: sorted({*awake, *add})})
                     if violations:
@@ -983,7 +622,7 @@ class Fleet:
                     report.actions.append(ActionTaken(
                         m.name, "none", 0.0, f"already {replicas} awake replica(s)"))
                 report.timings["total"] = self.clock.monotonic() - t0
-                report.awake = tuple(self._awake(self._observe()))
+                report.awake = tuple(awake_models(self.observer.observe()))
             return report
 
     # -- sleep / wake --------------------------------------------------------------------
@@ -997,12 +636,12 @@ class Fleet:
         m = self.model(model)
         t0 = self.clock.monotonic()
         with self._locked():
-            seen = self._observe()
+            seen = self.observer.observe()
             ms = seen[m.name]
             report = Report("sleep", (m.name,))
             awake = ms.awake()
             if not awake:
-                state = model_state(ms.states(self.up_set(m, ms)))
+                state = model_state(ms.states(up_set(m, ms)))
                 report.actions.append(ActionTaken(m.name, "none", 0.0, f"already {state}"))
             with self._interruptible(report):
                 for i in awake:
@@ -1013,7 +652,7 @@ class Fleet:
                         else f"{s.state}: cannot sleep, stopped instead")
                     self._evict_replica(m, i, s, "sleep" if can_sleep else "stop", why, report)
                 report.timings["total"] = self.clock.monotonic() - t0
-                report.awake = tuple(self._awake(self._observe()))
+                report.awake = tuple(awake_models(self.observer.observe()))
             return report
 
     def wake(self, model: str) -> Report:
@@ -1022,10 +661,10 @@ class Fleet:
         m = self.model(model)
         t0 = self.clock.monotonic()
         with self._locked():
-            seen = self._observe()
+            seen = self.observer.observe()
             ms = seen[m.name]
-            want = self.up_set(m, ms)
-            others = self._awake_map(seen, exclude=m.name)
+            want = up_set(m, ms)
+            others = awake_map(self.registry, seen, exclude=m.name)
             mine = sorted({*ms.awake(m.replica_slots), *want})
             violations = check_placement(self.registry, {**others, m.name: mine})
             if violations:
@@ -1041,13 +680,13 @@ class Fleet:
                 self._wait_healthy([(m, i) for i in want], report)
                 report.timings["healthy"] = self.clock.monotonic() - t1
                 report.timings["total"] = self.clock.monotonic() - t0
-                report.awake = tuple(self._awake(self._observe()))
+                report.awake = tuple(awake_models(self.observer.observe()))
             return report
 
     # -- logs ----------------------------------------------------------------------------
 
     def _container_of(self, model: str, replica: int = 0) -> ContainerRecord:
-        seen = self._observe(probe=False)
+        seen = self.observer.observe(probe=False)
         name = model if (model in seen and model not in self.registry.models) else \
             self.model(model).name
         ms = seen.get(name)
@@ -1063,43 +702,3 @@ class Fleet:
 
     def follow_logs(self, model: str, *, tail: int = 100, replica: int = 0) -> Iterable[str]:
         return self.engine.follow_logs(self._container_of(model, replica).id, tail=tail)
-
-
-def _signal_name(rec: ContainerRecord) -> str | None:
-    """SIGKILL for exit code 137 and the like (128 + signal number), else None."""
-    code = rec.exit_code
-    if code is None or not 128 < code < 128 + signal.NSIG:
-        return None
-    try:
-        return signal.Signals(code - 128).name
-    except ValueError:
-        return None
-
-
-def _exit_note(rec: ContainerRecord) -> str:
-    """How a stopped container ended, for `fleet status`: " (exit code 1)",
-    " (exit code 137, OOM-killed)", " (exit code 137: SIGKILL)"; "" without a code."""
-    if rec.exit_code is None:
-        return ""
-    if rec.oom_killed:
-        return f" (exit code {rec.exit_code}, OOM-killed)"
-    sig = _signal_name(rec)
-    return f" (exit code {rec.exit_code}" + (f": {sig})" if sig else ")")
-
-
-def _ended_reason(rec: ContainerRecord) -> str:
-    """Why a replica that stopped before becoming healthy failed, with Docker's OOMKilled."""
-    if rec.oom_killed:
-        return (f"its container was killed by the kernel's out-of-memory killer (exit code "
-                f"{rec.exit_code}, Docker: OOMKilled) before becoming healthy: it needs more "
-                f"memory than it may use (a memory limit on the container, or the host's free "
-                f"memory: `free -m`); free memory or serve a smaller model")
-    sig = _signal_name(rec)
-    how = f": killed by {sig}, not by the OOM killer" if sig else ""
-    return f"its container {rec.state} (exit code {rec.exit_code}{how}) before becoming healthy"
-
-
-def _uptime(rec: ContainerRecord, now: float) -> float | None:
-    if not rec.running or rec.started_at is None:
-        return None
-    return max(0.0, now - rec.started_at)

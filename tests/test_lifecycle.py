@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 
 from fleet.engine import DockerUnreachable, NoGpuRuntime
-from fleet.lifecycle import (
-    Fleet,
-    Interrupted,
-    PlacementRefused,
-    ScaleOutOfRange,
-    StartFailed,
-    UnknownModel,
-)
+from fleet.lifecycle import Fleet
+from fleet.report import Interrupted, PlacementRefused, ScaleOutOfRange, StartFailed, UnknownModel
 from support.fleet_fakes import REPLICA_TOML, FakeWorld, make_fleet, make_registry, spec_hash_of
 
 pytestmark = pytest.mark.unit
@@ -610,8 +604,8 @@ def assert_interrupted(exc: pytest.ExceptionInfo[Interrupted], operation: str, d
         f"{operation} interrupted: {LOST}",
         f"done before that: {done}",
         "fleet state now: unknown while the Docker daemon does not answer",
-        "to recover: when the cause above is fixed (the Docker daemon answers `docker info`), "
-        f"`fleet status` shows where the fleet stands; then run `{again}` again",
+        ("to recover: when the cause above is fixed (the Docker daemon answers `docker info`), "
+         f"`fleet status` shows where the fleet stands; then run `{again}` again"),
     ]
     assert exc.value.exit_code == 1 and exc.value.__cause__ is LOST
 
