@@ -12,27 +12,22 @@ constraint that this GPU-less machine can honour (cpuset "0").
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from fleet.engine import DockerEngine
-from support.docker_fixtures import TEST_LABEL, DockerSession, docker_cli
+from support.docker_fixtures import DockerSession, docker_cli
+from support.fleet_faults import CASE_LABEL, REPO_ROOT, FleetRunner
 
 pytestmark = pytest.mark.docker
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CASE_LABEL = "io.vllm-fleet.test-case"
 
 REGISTRY = """
 [host]
@@ -78,65 +73,18 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-class FleetRun:
-    """Runs `python -m fleet` with one test's scope (registry, labels, prefix, lock file)."""
-
-    def __init__(self, session: DockerSession, tmp_path: Path, registry_text: str) -> None:
-        self.case = uuid.uuid4().hex[:6]
-        self.prefix = f"vft-{session.run_id}-{self.case}"
-        self.registry = tmp_path / "models.toml"
-        self.registry.write_text(registry_text)
-        self.labels = {TEST_LABEL: session.run_id, CASE_LABEL: self.case}
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "FLEET_REGISTRY": str(self.registry),
-            "FLEET_NAME_PREFIX": self.prefix,
-            "FLEET_EXTRA_LABELS": ",".join(f"{k}={v}" for k, v in self.labels.items()),
-            "FLEET_LOCK_FILE": str(tmp_path / "fleet.lock"),
-            "FLEET_STOP_TIMEOUT": "10",
-        }
-
-    def cmd(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "fleet", *args]
-
-    def __call__(self, *args: str, timeout: float = 120.0, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.cmd(*args), capture_output=True, text=True, timeout=timeout,
-                              env={**self.env, **env}, cwd=REPO_ROOT)
-
-    def ok(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        r = self(*args, timeout=timeout)
-        assert r.returncode == 0, f"fleet {' '.join(args)} exited {r.returncode}:\n{r.stderr}"
-        return r
-
-    def status(self) -> dict[str, dict[str, Any]]:
-        return {row["name"]: row for row in json.loads(self.ok("status", "--json").stdout)}
-
-    def status_rows(self) -> list[dict[str, Any]]:
-        """`fleet status --json`: one row per replica."""
-        return list(json.loads(self.ok("status", "--json").stdout))
-
-    def states(self) -> dict[str, str]:
-        return {name: row["state"] for name, row in self.status().items()}
-
-    def containers(self) -> list[str]:
-        out = docker_cli("ps", "-a", "--filter", f"label={CASE_LABEL}={self.case}",
-                         "--format", "{{.Names}}").stdout
-        return sorted(out.split())
-
-
 @pytest.fixture
-def make_fleet(docker_ready: DockerSession, tmp_path: Path) -> Iterator[Callable[..., FleetRun]]:
-    made: list[FleetRun] = []
+def make_fleet(docker_ready: DockerSession, tmp_path: Path) -> Iterator[Callable[..., FleetRunner]]:
+    made: list[FleetRunner] = []
 
-    def make(registry_text: str | None = None, **ports: int) -> FleetRun:
+    def make(registry_text: str | None = None, **ports: int) -> FleetRunner:
         if registry_text is None:
             pa, pb, pc = free_ports(3)
             registry_text = REGISTRY.format(image=docker_ready.sim_image, port_a=pa,
                                             port_b=pb, port_c=pc)
         where = tmp_path / f"fleet{len(made)}"
         where.mkdir()
-        run = FleetRun(docker_ready, where, registry_text)
+        run = FleetRunner(docker_ready, where, registry_text)
         made.append(run)
         return run
 
@@ -154,7 +102,7 @@ def timings(stderr: str, op: str) -> dict[str, float]:
     return {k: float(v.rstrip("s")) for k, v in (p.split(" ") for p in parts)}
 
 
-def test_up_status_switch_sleep_wake_logs_down(make_fleet: Callable[..., FleetRun]) -> None:
+def test_up_status_switch_sleep_wake_logs_down(make_fleet: Callable[..., FleetRunner]) -> None:
     fleet = make_fleet()
     r = fleet.ok("up")
     assert "awake: sim-a" in r.stdout
@@ -196,7 +144,7 @@ def test_up_status_switch_sleep_wake_logs_down(make_fleet: Callable[..., FleetRu
     assert set(fleet.states().values()) == {"absent"}
 
 
-def test_adopts_containers_made_by_docker_compose(make_fleet: Callable[..., FleetRun],
+def test_adopts_containers_made_by_docker_compose(make_fleet: Callable[..., FleetRunner],
                                                   tmp_path: Path) -> None:
     fleet = make_fleet()
     project = fleet.prefix
@@ -233,7 +181,7 @@ def test_adopts_containers_made_by_docker_compose(make_fleet: Callable[..., Flee
 
 
 def test_a_model_that_crashes_at_start_exits_1_with_its_logs(
-        make_fleet: Callable[..., FleetRun]) -> None:
+        make_fleet: Callable[..., FleetRunner]) -> None:
     fleet = make_fleet()
     fleet.ok("up")
     r = fleet("switch", "sim-crash")
@@ -248,7 +196,7 @@ def test_a_model_that_crashes_at_start_exits_1_with_its_logs(
 
 
 def test_docker_unreachable_exits_1_with_a_clear_message(
-        make_fleet: Callable[..., FleetRun]) -> None:
+        make_fleet: Callable[..., FleetRunner]) -> None:
     fleet = make_fleet()
     r = fleet("status", DOCKER_HOST="tcp://127.0.0.1:1")
     assert r.returncode == 1
@@ -257,7 +205,7 @@ def test_docker_unreachable_exits_1_with_a_clear_message(
 
 
 def test_gpu_request_without_nvidia_runtime_is_explained(
-        make_fleet: Callable[..., FleetRun], docker_ready: DockerSession) -> None:
+        make_fleet: Callable[..., FleetRunner], docker_ready: DockerSession) -> None:
     (port,) = free_ports(1)
     fleet = make_fleet(f"""
 [host]
@@ -284,7 +232,7 @@ gpu_memory_utilization = 0.5
 
 
 def test_port_in_use_and_foreign_container_name_are_explained(
-        make_fleet: Callable[..., FleetRun], docker_ready: DockerSession) -> None:
+        make_fleet: Callable[..., FleetRunner], docker_ready: DockerSession) -> None:
     fleet = make_fleet()
     port_b = fleet.status()["sim-b"]["port"]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
@@ -328,7 +276,7 @@ def consecutive_free_ports(n: int, attempts: int = 50) -> int:
 
 
 def test_a_model_with_two_replicas_is_two_containers_on_two_ports(
-        make_fleet: Callable[..., FleetRun], docker_ready: DockerSession) -> None:
+        make_fleet: Callable[..., FleetRunner], docker_ready: DockerSession) -> None:
     port = consecutive_free_ports(2)
     fleet = make_fleet(f"""
 [host]
@@ -375,7 +323,7 @@ replicas = 2
 
 
 def test_concurrent_switches_end_consistent_and_never_over_budget(
-        make_fleet: Callable[..., FleetRun]) -> None:
+        make_fleet: Callable[..., FleetRunner]) -> None:
     fleet = make_fleet()
     engine = DockerEngine.from_env(timeout=30)
     over: list[list[str]] = []

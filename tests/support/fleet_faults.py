@@ -1,4 +1,4 @@
-"""Helpers for the fleet's Docker-fault tests: a Docker socket a test can cut, and a runner
+"""Helpers for the fleet's Docker tier: a Docker socket a test can cut, and a runner
 for the `fleet` CLI scoped to one test.
 
     with DockerSocketProxy(directory) as proxy:        # unix://<directory>/docker.sock
@@ -211,6 +211,10 @@ class FleetRunner:
 
     def status(self) -> dict[str, dict[str, Any]]:
         return {row["name"]: row for row in json.loads(self.ok("status", "--json").stdout)}
+
+    def status_rows(self) -> list[dict[str, Any]]:
+        """`fleet status --json`: one row per replica."""
+        return list(json.loads(self.ok("status", "--json").stdout))
 
     def states(self) -> dict[str, str]:
         return {name: row["state"] for name, row in self.status().items()}
