@@ -259,20 +259,24 @@ class Gateway:
 
     async def list_models(self, request: Request) -> Response:
         principal = getattr(request.state, "principal", None)
-        routes = [r for r in self.table.routes.values()
+        table, admission = self.table, self.admission  # a reload may swap them meanwhile
+        routes = [r for r in table.routes.values()
                   if principal is None or principal.may_use(r.model, self._aliases(r.model))]
         states = await asyncio.gather(*(self._probe(r) for r in routes))
-        data = [self._model_card(r, s) for r, s in zip(routes, states, strict=True)]
+        data = [self._model_card(r, s, table, admission)
+                for r, s in zip(routes, states, strict=True)]
         return _json(request, {"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
         requested = request.path_params["model_id"]
-        route = self.table.resolve(requested)
+        table, admission = self.table, self.admission  # a reload may swap them meanwhile
+        route = table.resolve(requested)
         if route is None:
-            raise errors.unknown_model(requested, self.table.names())
+            raise errors.unknown_model(requested, table.names())
         auth.authorize(getattr(request.state, "principal", None), route.model,
                        self._aliases(route.model))
-        return _json(request, self._model_card(route, await self._probe(route)))
+        return _json(request, self._model_card(route, await self._probe(route), table,
+                                               admission))
 
     async def by_body(self, request: Request) -> Response:
         request.state.started = time.perf_counter()
@@ -335,7 +339,9 @@ class Gateway:
                 response = await self._dispatch(request, route, method, path, payload,
                                                 activate=False)
             else:
-                admission = self.admission[model]
+                admission = self.admission.get(model)
+                if admission is None:  # a reload removed the model while the body was read
+                    raise errors.unknown_model(model, self.table.names())
                 await admission.acquire()
                 try:
                     response = await self._dispatch(request, route, method, path, payload)
@@ -421,7 +427,9 @@ class Gateway:
                              or await self._engine_asleep(route)):
             await self.activator.activate(route.model)  # type: ignore[union-attr]
             self._sleep_seen[route.model] = (self.clock(), False)
-        replicas = self.instances[route.model]
+        replicas = self.instances.get(route.model)
+        if replicas is None:  # a reload removed the model while this request waited
+            raise errors.unknown_model(route.model, self.table.names())
         tried: list[Instance] = []
         failure: errors.GatewayError | None = None
         activated = False
@@ -526,9 +534,10 @@ class Gateway:
             results.append("unhealthy")
         return "unhealthy" if "unhealthy" in results else "unreachable"
 
-    def _model_card(self, route: Route, state: str) -> dict[str, Any]:
-        spec = self.table.registry.models[route.model]
-        adm = self.admission[route.model]
+    def _model_card(self, route: Route, state: str, table: RoutingTable,
+                    admission: Mapping[str, Admission]) -> dict[str, Any]:
+        spec = table.registry.models[route.model]
+        adm = admission[route.model]
         return {
             "id": route.model,
             "object": "model",

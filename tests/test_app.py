@@ -264,3 +264,41 @@ async def test_unexpected_failure_is_a_json_500(gw) -> None:
     err = error_of(resp, 500)
     assert "request id" in err["message"] and "Traceback" not in resp.text
     await app_client.aclose()
+
+
+async def test_a_reload_during_a_listing_or_a_request_is_no_500() -> None:
+    """`apply` swaps the routing table while handlers await: they use what they started with
+    (listings) or answer 404 for a model the reload removed (requests)."""
+    import asyncio
+
+    app = create_app(REG, GatewaySettings())
+    gw = app.state.gateway
+    probing, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_health(request: httpx.Request) -> httpx.Response:
+        probing.set()
+        await release.wait()
+        return httpx.Response(200)
+
+    with respx.mock(assert_all_called=False) as mock:
+        mock.get(f"{A}/health").mock(side_effect=slow_health)
+        mock.get(f"{R}/health").respond(200)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                listing = asyncio.create_task(client.get("/v1/models"))
+                await probing.wait()
+                gw.apply(parse_registry(f'[models.r]\nurl = "{R}"\nserved_model_name = "tiny"\n'))
+                release.set()
+                resp = await listing
+                assert resp.status_code == 200
+                assert [m["id"] for m in resp.json()["data"]] == ["a", "r"]
+
+                async def body() -> AsyncIterator[bytes]:  # the reload lands mid-body
+                    yield b'{"messages": []'
+                    gw.apply(parse_registry(f'[models.r]\nurl = "{R}"\n'))
+                    yield b"}"
+
+                gw.apply(REG)
+                resp = await client.post("/a/v1/chat/completions", content=body())
+                assert resp.status_code == 404 and "`a`" in resp.json()["error"]["message"]
