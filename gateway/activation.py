@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import anyio
@@ -90,7 +90,7 @@ class Activator:
         self.asleep.add(model)
 
 
-async def idle_loop(activator: Activator, ttl: dict[str, float],
+async def idle_loop(activator: Activator, ttl: Mapping[str, float],
                     idle_for: Callable[[str], float | None], interval: float) -> None:
     """Every `interval` s, put to sleep each model idle (no request in flight) for its ttl.
 

@@ -26,10 +26,10 @@ MSG = [{"role": "user", "content": "Hello"}]
 
 
 @asynccontextmanager
-async def gateway(registry_text: str, fleet_factory: Callable[..., object] | None = None,
+async def gateway(registry_text: str, fleet_opener: Callable[..., object] | None = None,
                   **settings: object) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(parse_registry(registry_text), GatewaySettings(**settings),
-                     fleet_factory=fleet_factory)  # type: ignore[arg-type]
+                     fleet_opener=fleet_opener)  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw",
@@ -58,7 +58,7 @@ async def test_replicas_share_load_and_a_dead_one_is_routed_around(sim_factory) 
         served_a, served_b = len(requests_seen(a)), len(requests_seen(b))
         assert served_a + served_b == 12 and served_a >= 3 and served_b >= 3
         gw = client.app.state.gateway  # type: ignore[attr-defined]
-        dead_replica = gw.instances["m"][1]
+        dead_replica = gw.state.instances["m"][1]
         assert dead_replica.failures >= 1 and "refused" in dead_replica.last_error
 
 
@@ -227,7 +227,7 @@ async def test_autoscaling_adds_a_replica_under_load_and_retires_it_when_idle() 
                 await asyncio.sleep(0.1)
             assert gw.autoscaler.changes == [("m", 1, 2), ("m", 2, 1)]
             assert fleet.scaled == [2, 1] and list(fleet.sims) == [0]
-            assert [i.draining for i in gw.instances["m"]] == [False, True]
+            assert [i.draining for i in gw.state.instances["m"]] == [False, True]
             assert (await chat(client, "m")).status_code == 200
     finally:
         fleet.stop_all()
