@@ -13,6 +13,7 @@ The fleet's calls block (Docker, health polls), so they run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -67,7 +68,8 @@ class Activator:
             remaining = deadline - self.clock()
             try:
                 await anyio.to_thread.run_sync(
-                    lambda: self.fleet.ensure_awake(model, timeout=max(1.0, remaining)),
+                    functools.partial(self.fleet.ensure_awake, model,
+                                      timeout=max(1.0, remaining)),
                     abandon_on_cancel=True)
                 self.asleep.discard(model)
                 self.activations += 1

@@ -25,10 +25,10 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from typing import Any
+from typing import Any, cast
 
 from gateway.activation import idle_loop
-from gateway.autoscale import Autoscaler
+from gateway.autoscale import Autoscaler, ScalingFleet
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway")
@@ -90,8 +90,9 @@ class Background:
         models = rt.state.registry.models
         if not any(m.autoscaled and m.managed for m in models.values()):
             return
+        fleet = cast(ScalingFleet, rt.activator.fleet)  # the fleet client scales too
         rt.autoscaler = Autoscaler(
-            rt.activator.fleet, models, rt.load, lambda m: rt.state.instances.get(m, ()),
+            fleet, models, rt.load, lambda m: rt.state.instances.get(m, ()),
             clock=rt.clock, scale_timeout=rt.settings.activation_timeout)
         self._spawn(rt.autoscaler.run(rt.settings.autoscale_interval))
 

@@ -38,7 +38,8 @@ class Balancer:
     def available(self, instance: Instance) -> bool:
         return instance.ejected_until <= self.clock()
 
-    def pick(self, instances: Sequence[Instance], exclude: Sequence[Instance] = ()) -> Instance | None:
+    def pick(self, instances: Sequence[Instance],
+             exclude: Sequence[Instance] = ()) -> Instance | None:
         """The available replica with the fewest outstanding requests (ties: lowest index).
 
         When every replica not excluded is ejected, the one whose back-off ends first is

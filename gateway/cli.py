@@ -6,7 +6,6 @@ import argparse
 import functools
 import os
 import sys
-
 from collections.abc import Callable
 
 from fleet.registry import Registry, RegistryError, load_registry_from_env
@@ -39,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "upstream_client" not in settings.model_fields_set and aiohttp_available():
         settings = settings.model_copy(update={"upstream_client": "aiohttp"})
-    # --registry / GATEWAY_REGISTRY > FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID > ./models.toml
+    # --registry / GATEWAY_REGISTRY > FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID
+    # > ./models.toml
     load = functools.partial(load_registry_from_env,
                              args.registry or os.environ.get("GATEWAY_REGISTRY") or None)
     try:

@@ -33,8 +33,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway.balancer import Balancer, Instance
@@ -174,7 +179,8 @@ class _LiveCollector:
             in_flight.add_metric([model], adm.in_flight)
             queued.add_metric([model], adm.waiting)
         outstanding = GaugeMetricFamily("gateway_replica_outstanding_requests",
-                                        "Requests a replica is serving", labels=["model", "replica"])
+                                        "Requests a replica is serving",
+                                        labels=["model", "replica"])
         ejected = GaugeMetricFamily("gateway_replica_ejected",
                                     "1 while a replica is taken out after failures",
                                     labels=["model", "replica"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 from starlette.requests import Request
@@ -180,7 +181,7 @@ class Proxy:
         headers.append((b"x-request-id", rid.encode()))
         params = request.url.query or None
         timeout = state.timeouts.get(route.model)
-        extra = {"timeout": timeout} if timeout is not None else {}
+        extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
         replicas = state.instances[route.model]
         balancer = self.runtime.balancer
         tried: list[Instance] = []

@@ -1,4 +1,5 @@
-"""The routing table: model name or alias -> the instance that serves it (derived from the registry)."""
+"""The routing table: model name or alias -> the route to the replicas that serve it (derived
+from the registry)."""
 
 from __future__ import annotations
 
