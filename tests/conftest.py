@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-pytest_plugins = ["support.gateway_fixtures", "support.sim_fixtures", "support.docker_fixtures", "support.vllm_fixtures"]
+pytest_plugins = ["support.gateway_fixtures", "support.sim_fixtures", "support.docker_fixtures",
+                  "support.vllm_fixtures", "support.registries"]
 
 TIERS = ("unit", "gateway", "docker", "vllm")
 

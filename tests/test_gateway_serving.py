@@ -18,7 +18,8 @@ import pytest
 from fleet.registry import parse_registry
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from support.sim_fixtures import SimServer, free_port, start_sim
+from support.ports import consecutive_free_ports, free_port
+from support.sim_fixtures import SimServer, start_sim
 
 pytestmark = [pytest.mark.gateway, pytest.mark.anyio]
 
@@ -199,9 +200,7 @@ class ReplicaFleet:
 
 
 async def test_autoscaling_adds_a_replica_under_load_and_retires_it_when_idle() -> None:
-    base = free_port()
-    while base + 1 == free_port():  # two consecutive ports are needed; retry rarely
-        base = free_port()
+    base = consecutive_free_ports(2)
     fleet = ReplicaFleet("m", base)
     fleet.ensure_awake("m")
     reg = (f'[models.m]\nsource = "org/m"\nport = {base}\nmin_replicas = 1\nmax_replicas = 2\n'

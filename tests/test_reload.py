@@ -18,6 +18,7 @@ from fleet.registry import Registry, RegistryError, load_registry, parse_registr
 from gateway.app import create_app
 from gateway.reload import diff
 from gateway.settings import GatewaySettings
+from support.registries import WriteRegistry
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -81,9 +82,9 @@ def test_diff_names_added_removed_and_changed() -> None:
     assert result.as_dict()["status"] == "reloaded" and result.models == ["a", "c"]
 
 
-async def test_reload_swaps_routes_and_keeps_what_carries_over(tmp_path: Path) -> None:
-    path = tmp_path / "models.toml"
-    path.write_text(ONE)
+async def test_reload_swaps_routes_and_keeps_what_carries_over(
+        write_registry: WriteRegistry) -> None:
+    path = write_registry(ONE)
     async for client, mock in serve(path):
         mock.post(f"{A}/v1/completions").respond(200, json={"served": "a"})
         mock.post(f"{B}/v1/completions").respond(200, json={"served": "b"})
@@ -105,9 +106,8 @@ async def test_reload_swaps_routes_and_keeps_what_carries_over(tmp_path: Path) -
         assert (await client.post("/v1/completions", json={"model": "a"})).status_code == 404
 
 
-async def test_invalid_registry_changes_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "models.toml"
-    path.write_text(TWO)
+async def test_invalid_registry_changes_nothing(write_registry: WriteRegistry) -> None:
+    path = write_registry(TWO)
     async for client, mock in serve(path):
         mock.post(f"{B}/v1/completions").respond(200, json={"served": "b"})
         gw = gateway_of(client)
@@ -124,9 +124,8 @@ async def test_invalid_registry_changes_nothing(tmp_path: Path) -> None:
         assert 'gateway_reloads_total{outcome="invalid"} 2.0' in metrics
 
 
-async def test_fleet_client_is_rebuilt_for_the_new_registry(tmp_path: Path) -> None:
-    path = tmp_path / "models.toml"
-    path.write_text(ONE)  # no managed model yet: no fleet client is built
+async def test_fleet_client_is_rebuilt_for_the_new_registry(write_registry: WriteRegistry) -> None:
+    path = write_registry(ONE)  # no managed model yet: no fleet client is built
     built: list[Fleet] = []
     async for client, _ in serve(path, Opener(parse_registry(ONE), built),
                                  idle_check_interval=0.05):
@@ -147,10 +146,10 @@ async def test_fleet_client_is_rebuilt_for_the_new_registry(tmp_path: Path) -> N
         assert ("sleep", "m") in built[1].calls and built[0].calls == []
 
 
-async def test_an_opener_bound_to_its_registry_keeps_its_client(tmp_path: Path) -> None:
-    path = tmp_path / "models.toml"
+async def test_an_opener_bound_to_its_registry_keeps_its_client(
+        write_registry: WriteRegistry) -> None:
     managed = '[models.m]\nsource = "org/m"\nport = 9503\n'
-    path.write_text(managed)
+    path = write_registry(managed)
     fleet = Fleet(parse_registry(managed))
     async for client, _ in serve(path, lambda busy, last_used: fleet):
         gw = gateway_of(client)
