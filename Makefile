@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := REQUIRE_ALL_TIERS=1 $(PY) -m pytest
 
-.PHONY: demo demo-down test unit venv docker images vllm-image models
+.PHONY: demo demo-down test unit venv docker images node-image vllm-image models
 
 $(VENV)/.installed: pyproject.toml
 	@echo "== python env: $(VENV) (project + test dependencies)" >&2
@@ -24,13 +24,16 @@ docker:
 images: docker venv
 	@bash scripts/build-images.sh all
 
+node-image: images
+	@bash scripts/build-node-image.sh
+
 vllm-image: images
 	@bash scripts/build-vllm-image.sh
 
 models: vllm-image
 	@$(PY) scripts/make_tiny_models.py
 
-test: venv docker images vllm-image models
+test: venv docker images node-image vllm-image models
 	$(PYTEST)
 
 unit: venv

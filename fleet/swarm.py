@@ -421,8 +421,12 @@ class SwarmEngine:
             if service is None:
                 return
             sid = str(service["ID"])
+            # A task on a node that is down never reports again: it holds nothing there.
+            ready = {str(n.get("ID")) for n in self.nodes()
+                     if (n.get("Status") or {}).get("State") == "ready"}
             live = [t for t in self._tasks([sid])[sid]
-                    if (t.get("Status") or {}).get("State") in (_COMING | {"running"})]
+                    if (t.get("Status") or {}).get("State") in (_COMING | {"running"})
+                    and (not t.get("NodeID") or str(t.get("NodeID")) in ready)]
             if not live:
                 return
             if self._monotonic() >= end:
