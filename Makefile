@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := REQUIRE_ALL_TIERS=1 $(PY) -m pytest
 
-.PHONY: demo demo-down test unit lint venv docker images vllm-image models
+.PHONY: demo demo-down test unit lint venv docker images node-image vllm-image models
 
 $(VENV)/.installed: pyproject.toml
 	@echo "== python env: $(VENV) (project + test dependencies)" >&2
@@ -25,6 +25,9 @@ docker:
 images: docker venv
 	@bash scripts/build-images.sh all
 
+node-image: images
+	@bash scripts/build-node-image.sh
+
 vllm-image: images
 	@bash scripts/build-vllm-image.sh
 
@@ -35,7 +38,7 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: venv lint docker images vllm-image models
+test: venv lint docker images node-image vllm-image models
 	$(PYTEST)
 
 unit: venv
