@@ -460,7 +460,7 @@ def build_registry(data: Mapping[str, Any], source: str = DEFAULT_REGISTRY_PATH)
                     cluster=cluster, nodes=nodes)
 
 
-def _section(cls: type[_Strict], raw: Any, where: str, problems: list[str]) -> Any:
+def _section(cls: type[BaseModel], raw: Any, where: str, problems: list[str]) -> Any:
     if not isinstance(raw, Mapping):
         problems.append(f"{where}: must be a table")
         return None

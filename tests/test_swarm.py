@@ -19,11 +19,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from fleet.cli import main as fleet_main
 from support.docker_fixtures import REPO_ROOT, docker_cli
 from support.gateway_fixtures import GatewayProcess
 from support.swarm_fixtures import SwarmCluster
-
-from fleet.cli import main as fleet_main
 
 pytestmark = pytest.mark.swarm
 

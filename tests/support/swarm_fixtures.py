@@ -87,7 +87,7 @@ def _wait(what: str, deadline: float, check: Callable[[], bool]) -> None:
 
 
 def _ip(container: str, network: str) -> str:
-    fmt = "{{(index .NetworkSettings.Networks \"%s\").IPAddress}}" % network
+    fmt = "{{(index .NetworkSettings.Networks \"" + network + "\").IPAddress}}"
     return docker_cli("inspect", "-f", fmt, container, timeout=15.0).stdout.strip()
 
 
