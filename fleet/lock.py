@@ -21,6 +21,9 @@ from pathlib import Path
 from types import TracebackType
 
 LOCK_ENV = "FLEET_LOCK_FILE"
+LOCK_DIR_ENV = "FLEET_LOCK_DIR"
+LOCK_NAME = "switch.lock"
+SHARED_LOCK_DIR = Path("/run/vllm-fleet")
 DEFAULT_LOCK_TIMEOUT = 600.0
 
 
@@ -38,16 +41,31 @@ class LockTimeout(RuntimeError):
         )
 
 
-def default_lock_path(environ: Mapping[str, str] | None = None) -> Path:
-    """`$FLEET_LOCK_FILE`, else `$XDG_RUNTIME_DIR/vllm-fleet.lock`, else `/tmp/vllm-fleet-<uid>.lock`."""
+def default_lock_path(environ: Mapping[str, str] | None = None, *,
+                      shared_dir: Path = SHARED_LOCK_DIR, uid: int | None = None) -> Path:
+    """Where the switch lock lives, first match wins:
+
+    1. `$FLEET_LOCK_FILE`;
+    2. `$FLEET_LOCK_DIR/switch.lock`;
+    3. `/run/vllm-fleet/switch.lock` for root, or when that directory exists: the directory
+       compose mounts into its gateway (`${FLEET_LOCK_DIR:-/run/vllm-fleet}`), so the host's
+       `fleet` and the compose gateway's activations serialize on the same lock;
+    4. `$XDG_RUNTIME_DIR/vllm-fleet.lock`, else `/tmp/vllm-fleet-<uid>.lock`.
+    """
     env = os.environ if environ is None else environ
     explicit = env.get(LOCK_ENV)
     if explicit:
         return Path(explicit)
+    lock_dir = env.get(LOCK_DIR_ENV)
+    if lock_dir:
+        return Path(lock_dir) / LOCK_NAME
+    user = os.getuid() if uid is None else uid
+    if user == 0 or shared_dir.is_dir():
+        return shared_dir / LOCK_NAME
     runtime_dir = env.get("XDG_RUNTIME_DIR")
     if runtime_dir and Path(runtime_dir).is_dir():
         return Path(runtime_dir) / "vllm-fleet.lock"
-    return Path(f"/tmp/vllm-fleet-{os.getuid()}.lock")
+    return Path(f"/tmp/vllm-fleet-{user}.lock")
 
 
 def _describe_self() -> str:
@@ -109,7 +127,12 @@ class SwitchLock:
 
     def _acquire_file(self, deadline: float, limit: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            # Another user's lock file (e.g. root's gateway made it): flock needs no write
+            # access, so take it read-only; the holder line is then not written.
+            fd = os.open(self.path, os.O_RDONLY)
         told = False
         try:
             while True:
@@ -123,8 +146,11 @@ class SwitchLock:
                         self._on_wait(f"waiting for the switch lock held by {self.holder() or 'another process'}")
                         told = True
                     time.sleep(self.poll_interval)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (self._describe() + "\n").encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (self._describe() + "\n").encode(), 0)
+            except OSError:
+                pass  # opened read-only: the lock holds, the holder line is not written
         except BaseException:
             os.close(fd)
             raise
@@ -137,7 +163,10 @@ class SwitchLock:
         if self._depth == 0 and self._fd is not None:
             fd, self._fd = self._fd, None
             try:
-                os.ftruncate(fd, 0)
+                try:
+                    os.ftruncate(fd, 0)
+                except OSError:
+                    pass  # read-only
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)

@@ -186,6 +186,33 @@ def test_compose_writes_and_checks_drift(cli, registry_file: Path, tmp_path: Pat
     assert cli("compose", "--output", "-").out.startswith("# generated from models.toml")
 
 
+def test_compose_one_file_per_registry(cli, registry_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """models.cpu.toml renders compose.cpu.yaml beside it; --check compares with that file;
+    rendering one registry never overwrites another's file."""
+    cpu = tmp_path / "models.cpu.toml"
+    cpu.write_text(registry_file.read_text().replace("18001", "18301"))
+    assert cli("compose").code == 0
+    main_text = (tmp_path / "compose.yaml").read_text()
+    r = cli("compose", registry=cpu)
+    assert r.code == 0 and r.out.strip() == str(tmp_path / "compose.cpu.yaml")
+    cpu_text = (tmp_path / "compose.cpu.yaml").read_text()
+    assert cpu_text.startswith("# generated from models.cpu.toml") and "18301" in cpu_text
+    assert (tmp_path / "compose.yaml").read_text() == main_text      # untouched
+    assert (tmp_path / "compose.docker-socket.yaml").is_file()      # the opt-in override
+    assert cli("compose", "--check", registry=cpu).code == 0
+    assert cli("compose", "--check").code == 0
+    # another registry's file is refused as an explicit output (exit 2), unless --force
+    r = cli("compose", "--output", str(tmp_path / "compose.yaml"), registry=cpu)
+    assert r.code == 2 and "rendered from models.toml" in r.err and "--force" in r.err
+    assert (tmp_path / "compose.yaml").read_text() == main_text
+    hand_made = tmp_path / "mine.yaml"
+    hand_made.write_text("services: {}\n")
+    r = cli("compose", "--output", str(hand_made), registry=cpu)
+    assert r.code == 2 and "not rendered by `fleet compose`" in r.err
+    assert cli("compose", "--output", str(hand_made), "--force", registry=cpu).code == 0
+    assert hand_made.read_text().startswith("# generated from models.cpu.toml")
+
+
 def test_logs(cli, world) -> None:  # type: ignore[no-untyped-def]
     cli("up")
     r = cli("logs", "a", "--tail", "5")
