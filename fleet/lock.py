@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import sys
 import threading
 import time
@@ -69,8 +70,15 @@ def default_lock_path(environ: Mapping[str, str] | None = None, *,
 
 
 def _describe_self() -> str:
-    cmd = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))
-    return f"pid {os.getpid()}: {cmd or 'python'}"
+    """`pid N on HOST: COMMAND`. The host name tells a holder in a container (the compose
+    gateway, whose pid means nothing on the host) from a process of this machine."""
+    first = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if first is not None and first.name == "__main__.py":
+        program = f"python -m {first.parent.name}"   # `python -m gateway`, `python -m fleet`
+    else:
+        program = first.name if first is not None else "python"
+    cmd = " ".join([program, *sys.argv[1:]])
+    return f"pid {os.getpid()} on {socket.gethostname()}: {cmd}"
 
 
 class SwitchLock:
