@@ -93,3 +93,19 @@ def test_settings_wire_the_compose_gateway_fleet(monkeypatch: pytest.MonkeyPatch
     assert fleet.compose_project == "proj" and fleet.network == "proj"
     assert fleet.base_dir == str(tmp_path)
     assert fleet.lock.path == tmp_path / "locks" / "switch.lock"
+
+
+def test_the_gateway_fleet_follows_the_gateway_upstream_host(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from gateway.cli import FleetFactory
+
+    monkeypatch.setenv("FLEET_LOCK_FILE", str(tmp_path / "lock"))
+    monkeypatch.delenv("FLEET_UPSTREAM_HOST", raising=False)
+    registry = parse_registry(TEXT)
+    client = FleetFactory(registry, "service")(lambda _m: False, lambda _m: 0.0)
+    probe = client.fleet.probe  # type: ignore[attr-defined]
+    assert isinstance(probe, AddressedProbe) and probe.upstream_host == "service"
+    assert FleetFactory(registry, "service").for_registry(registry).upstream_host == "service"
+    monkeypatch.setenv("FLEET_UPSTREAM_HOST", "127.0.0.1")  # an explicit fleet setting wins
+    client = FleetFactory(registry, "service")(lambda _m: False, lambda _m: 0.0)
+    assert not isinstance(client.fleet.probe, AddressedProbe)  # type: ignore[attr-defined]
