@@ -42,6 +42,21 @@ class LockTimeout(RuntimeError):
         )
 
 
+class LockUnavailable(LockTimeout):
+    """The lock file cannot be opened at all (its directory belongs to another user). A
+    LockTimeout, so every caller that reports a lock it could not get reports this too."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        RuntimeError.__init__(
+            self,
+            f"cannot open the switch lock {path} ({reason}). Set {LOCK_DIR_ENV} to a directory "
+            f"you may write, and the same {LOCK_DIR_ENV} for `docker compose up` (it mounts that "
+            f"directory into the gateway), or run as the user that owns {path.parent}.")
+        self.path = path
+        self.timeout = 0.0
+        self.holder = ""
+
+
 def default_lock_path(environ: Mapping[str, str] | None = None, *,
                       shared_dir: Path = SHARED_LOCK_DIR, uid: int | None = None) -> Path:
     """Where the switch lock lives, first match wins:
@@ -134,13 +149,19 @@ class SwitchLock:
         self._depth = 1
 
     def _acquire_file(self, deadline: float, limit: float) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise LockUnavailable(self.path, exc.strerror or str(exc)) from None
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:
+        except PermissionError as exc:
             # Another user's lock file (e.g. root's gateway made it): flock needs no write
             # access, so take it read-only; the holder line is then not written.
-            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                raise LockUnavailable(self.path, exc.strerror or str(exc)) from None
         told = False
         try:
             while True:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.lock import LockTimeout, SwitchLock, default_lock_path
+from fleet.lock import LockTimeout, LockUnavailable, SwitchLock, default_lock_path
 
 pytestmark = pytest.mark.unit
 
@@ -165,3 +165,15 @@ def test_a_lock_file_it_may_not_write_is_still_a_lock(
         assert other.returncode == 3, other.stderr
     assert not first.held
     assert path.read_text() == "pid 1: gateway\n"  # nothing written through a read-only fd
+
+
+def test_a_lock_it_cannot_open_says_how_to_move_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(p: str | os.PathLike[str], flags: int, *a: int) -> int:
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(LockTimeout, match="FLEET_LOCK_DIR") as info:
+        SwitchLock(tmp_path / "switch.lock", timeout=0.2).acquire()
+    assert isinstance(info.value, LockUnavailable)
+    assert "Permission denied" in str(info.value)
