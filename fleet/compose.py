@@ -20,7 +20,8 @@ Differences from `docker_run_kwargs`, by design:
   fleet (`fleet scale`) brings the other slots up when asked.
 
 - Model services get `restart: unless-stopped` (a crashed server comes back; one the fleet
-  stopped stays stopped) and bounded json-file logs (`LOG_OPTIONS`).
+  stopped stays stopped) and bounded json-file logs (`fleet.spec.LOG_OPTIONS`, as the
+  containers the fleet creates).
 
 The project's network is named after the project. A `gateway` service (built from
 docker/gateway.Dockerfile) publishes 127.0.0.1:${VLLM_FLEET_GATEWAY_PORT:-8000}, reads the
@@ -49,7 +50,14 @@ import yaml
 
 from fleet.planner import gateway_cpuset, replica_specs
 from fleet.registry import REGISTRY_ENV, Registry, replica_service_name
-from fleet.spec import SECRET_ENV, ContainerSpec, device_requests, is_named_volume
+from fleet.spec import (
+    LOG_DRIVER,
+    LOG_OPTIONS,
+    SECRET_ENV,
+    ContainerSpec,
+    device_requests,
+    is_named_volume,
+)
 
 GATEWAY_SERVICE = "gateway"
 GATEWAY_IMAGE = "vllm-fleet/gateway:dev"
@@ -62,7 +70,6 @@ HOST_LOCK_DIR = "${FLEET_LOCK_DIR:-/run/vllm-fleet}"
 ON_DEMAND_PROFILE = "on-demand"
 AUTOSCALE_PROFILE = "autoscale"
 RESTART_POLICY = "unless-stopped"
-LOG_OPTIONS = {"max-size": "20m", "max-file": "3"}
 DOCKER_SOCKET = "/var/run/docker.sock"
 SOCKET_OVERRIDE_NAME = "compose.docker-socket.yaml"
 
@@ -210,7 +217,7 @@ def _model_service(spec: ContainerSpec) -> dict[str, Any]:
         "volumes": [_esc(f"{host}:{bind['bind']}:{bind['mode']}")
                     for host, bind in spec.volumes.items()],
         "restart": RESTART_POLICY,
-        "logging": {"driver": "json-file", "options": dict(LOG_OPTIONS)},
+        "logging": {"driver": LOG_DRIVER, "options": dict(LOG_OPTIONS)},
     }
     if spec.ipc_mode is not None:
         service["ipc"] = spec.ipc_mode
@@ -261,7 +268,7 @@ def _gateway_service(registry: Registry, registry_path: str, project: str,
             "FLEET_BASE_DIR": "${FLEET_BASE_DIR:-${PWD}}",
         },
         "restart": RESTART_POLICY,
-        "logging": {"driver": "json-file", "options": dict(LOG_OPTIONS)},
+        "logging": {"driver": LOG_DRIVER, "options": dict(LOG_OPTIONS)},
         "healthcheck": {
             "test": ["CMD", "curl", "-fsS", "-o", "/dev/null",
                      f"http://127.0.0.1:{GATEWAY_PORT}/health"],

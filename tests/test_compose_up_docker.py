@@ -249,6 +249,12 @@ def test_compose_up_serves_activates_switches_and_leaves_nothing(deployment: Dep
     assert info["Config"]["Labels"][PROJECT_LABEL] == d.project
     aliases = info["NetworkSettings"]["Networks"][d.project]["Aliases"] or []
     assert "vllm-lazy" in aliases, (aliases, container_logs(lazy))
+    # bounded logs whoever made the container; compose's services also restart
+    auto = json.loads(docker_cli("inspect", f"{d.project}-auto").stdout)[0]
+    for made in (info, auto):
+        assert made["HostConfig"]["LogConfig"] == {
+            "Type": "json-file", "Config": {"max-size": "20m", "max-file": "3"}}
+    assert auto["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
     status = {row["name"]: row["state"] for row in json.loads(
         d.fleet("status", "--json").stdout)}
     assert status == {"auto": "healthy", "lazy": "healthy"}
