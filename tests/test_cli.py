@@ -135,7 +135,8 @@ def test_docker_unreachable_exits_1_with_the_message(cli, world) -> None:  # typ
     assert r.err.strip() == "fleet: cannot reach the Docker daemon at tcp://x: is dockerd running?"
 
 
-def test_real_engine_against_a_closed_port_exits_1(cli, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_real_engine_against_a_closed_port_exits_1(cli, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("FLEET_LOCK_FILE", str(tmp_path / "lock"))  # never the machine's lock
     monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:1")
     r = cli("status", fake=False)
     assert r.code == 1
