@@ -193,7 +193,7 @@ class SchedulerCore:
             e = self.models.get(name)
             if e is not None:
                 self._set(e, state if state.cold else Residency.STOPPED, now)
-            if ev.evict_seconds and ev.evicted:
+            if ev.evicted:
                 self.costs.record_evict(name, ev.evict_seconds / len(ev.evicted))
         # Models marked evicting that the fleet did not report: trust the plan.
         for e in self.models.values():
