@@ -20,14 +20,15 @@ from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet.clock import Clock
-from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DockerEngine, Engine
+from fleet.containers import Engine
+from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DockerEngine
 from fleet.health import HttpProbe, Probe
 from fleet.lifecycle import DEFAULT_STOP_TIMEOUT, Fleet
 from fleet.lock import DEFAULT_LOCK_TIMEOUT, SwitchLock, default_lock_path
-from fleet.planner import READY_STATES
 from fleet.registry import Registry
 from fleet.report import ModelStatus, Report
 from fleet.spec import DEFAULT_NAME_PREFIX
+from fleet.states import READY_STATES, ReplicaState
 
 
 class FleetSettings(BaseSettings):
@@ -162,22 +163,30 @@ class FleetClient:
         deadline = None if timeout is None else self.fleet.clock.monotonic() + timeout
         return self.fleet.scale(model, n, deadline=deadline)
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report | None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: Collection[str] | None = None) -> Report | None:
         """Return at once (None) if a replica of `model` is healthy; else switch to it (its
         initial replicas, and any sleeping ones) and wait.
 
-        `timeout` (seconds) caps the wait for the switch lock and for health. Raises
-        `fleet.lifecycle.FleetError` subclasses (PlacementRefused e.g. when the models in
-        the way are busy, StartFailed with log lines), `fleet.engine.EngineError`,
-        `fleet.lock.LockTimeout`.
+        `timeout` (seconds) caps the wait for the switch lock and for health. `evict`: the
+        only models the switch may evict (e.g. those the caller drained); None lets the
+        planner choose among all awake models. Pinned models are never evicted. The
+        report's `bring_up_kind` and `timings` say how the model came up and how long each
+        phase took.
+
+        Raises (`fleet.errors`): `PlacementRefused` when it does not fit (`ModelsBusy`, a
+        subclass, when a model in the way serves requests; `blocking_models` names the
+        models in the way that could not be evicted), `StartFailed` with log lines,
+        `Interrupted`, `EngineError` kinds (e.g. `DockerUnreachable`), `LockTimeout`.
         """
         name = self.fleet.model(model).name
-        if any(s.state == "healthy" for s in self.fleet.status([name])):
+        if any(s.state == ReplicaState.HEALTHY for s in self.fleet.status([name])):
             return None
         deadline = None if timeout is None else self.fleet.clock.monotonic() + timeout
-        return self.fleet.switch(name, deadline=deadline)
+        return self.fleet.switch(name, deadline=deadline, evict=evict)
 
 
-def open_fleet(registry: Registry, settings: FleetSettings | None = None, **parts: object) -> FleetClient:
+def open_fleet(registry: Registry, settings: FleetSettings | None = None,
+               **parts: object) -> FleetClient:
     """A `FleetClient` for `registry`; `parts` are passed to `build_fleet` (busy=..., etc.)."""
     return FleetClient(build_fleet(registry, settings, **parts))  # type: ignore[arg-type]

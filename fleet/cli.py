@@ -31,20 +31,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fleet.api import SettingsError
-from fleet.engine import EngineError
-from fleet.health import ProbeError
+from fleet.cli_output import format_gateway_load, format_status, gateway_load, print_report
+from fleet.errors import EngineError, FleetError, LockTimeout, ProbeError, RegistryError
 from fleet.lifecycle import Fleet
-from fleet.lock import LockTimeout
-from fleet.registry import Registry, RegistryError, load_registry, registry_path
-from fleet.report import FleetError, ModelStatus, Report
+from fleet.registry import Registry, load_registry, registry_path
 from fleet.spec import SpecError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-FleetFactory = Callable[[Registry, argparse.Namespace, Callable[[str], None]], Fleet]
+FleetBuilder = Callable[[Registry, argparse.Namespace, Callable[[str], None]], Fleet]
 
 
-def _default_factory(registry: Registry, args: argparse.Namespace,
+def _default_builder(registry: Registry, args: argparse.Namespace,
                      progress: Callable[[str], None]) -> Fleet:
     from fleet.api import build_fleet, load_settings
 
@@ -132,63 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------
-
-
-def _fmt_uptime(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-def format_status(rows: Sequence[ModelStatus]) -> str:
-    header = ("MODEL", "REPLICA", "STATE", "PORT", "GPUS", "FRACTION", "UPTIME", "HEALTH",
-              "DETAIL")
-    table = [header]
-    for r in rows:
-        table.append((
-            r.name, str(r.replica), r.state, str(r.port) if r.port is not None else "-",
-            ",".join(str(g) for g in r.gpus) or "-",
-            f"{r.fraction:g}" if r.fraction is not None and r.gpus else "-",
-            _fmt_uptime(r.uptime), r.health, r.detail,
-        ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    lines = []
-    for row in table:
-        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
-
-
-def _print_report(report: Report, args: argparse.Namespace, out: TextIO, err: TextIO,
-                  label: Callable[[str, int], str] | None = None) -> None:
-    if report.timings:
-        print(f"{report.operation} {' '.join(report.target)}: {report.timing_line()}", file=err)
-    if getattr(args, "json", False):
-        print(json.dumps(report.as_dict(), indent=2), file=out)
-        return
-    for a in report.actions:
-        note = f" ({a.note})" if a.note else ""
-        who = label(a.model, a.replica) if label is not None else a.model
-        print(f"{who}: {a.action}{note}", file=out)
-    if report.operation != "down":
-        print(f"awake: {', '.join(report.awake) or 'none'}", file=out)
-
-
-# ---------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------
 
 
 def _cmd_check(registry: Registry, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from fleet.api import load_settings
-    from fleet.planner import check_registry
+    from fleet.check import check_registry
 
     violations = check_registry(registry, name_prefix=load_settings().name_prefix)
     managed = [n for n, m in registry.models.items() if m.managed]
@@ -253,7 +201,7 @@ def _cmd_compose(registry: Registry, args: argparse.Namespace, out: TextIO, err:
 
 def _cmd_status(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rows = fleet.status(probe=not args.no_probe)
-    load = _gateway_load(args.gateway, err) if args.gateway else None
+    load = gateway_load(args.gateway, err) if args.gateway else None
     if args.json:
         data = [r.as_dict() for r in rows]
         if load is not None:
@@ -265,43 +213,6 @@ def _cmd_status(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO
         if load is not None:
             print(format_gateway_load(rows, load), file=out)
     return EXIT_OK
-
-
-def _gateway_load(url: str, err: TextIO) -> dict[tuple[str, int], dict[str, Any]] | None:
-    """(model, replica) -> the gateway's in-flight, queued and outstanding figures, from its
-    /admin/status; None (with a warning) when the gateway cannot tell."""
-    import httpx
-
-    key = os.environ.get("GATEWAY_ADMIN_KEY")
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    try:
-        resp = httpx.get(url.rstrip("/") + "/admin/status", params={"fleet": "false"},
-                         headers=headers, timeout=5.0)
-        resp.raise_for_status()
-        models = resp.json()["models"]
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        print(f"fleet: warning: no figures from the gateway at {url}: {exc} (is it running? "
-              f"is GATEWAY_ADMIN_KEY its admin key?)", file=err)
-        return None
-    out: dict[tuple[str, int], dict[str, Any]] = {}
-    for name, m in models.items():
-        for rep in m.get("replicas", []):
-            out[(name, rep["index"])] = {"in_flight": m["in_flight"], "queued": m["queued"],
-                                         "outstanding": rep["outstanding"],
-                                         "ejected": rep["ejected"]}
-    return out
-
-
-def format_gateway_load(rows: Sequence[ModelStatus],
-                        load: dict[tuple[str, int], dict[str, Any]]) -> str:
-    lines = ["", "GATEWAY  (requests per model: in flight / queued; per replica: outstanding)"]
-    for r in rows:
-        g = load.get((r.name, r.replica))
-        if g is not None:
-            lines.append(f"  {r.name} [{r.replica}]: {g['in_flight']} in flight, "
-                         f"{g['queued']} queued, {g['outstanding']} outstanding"
-                         + (" (taken out)" if g["ejected"] else ""))
-    return "\n".join(lines)
 
 
 def _cmd_plan(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -352,7 +263,7 @@ def _run_fleet_command(fleet: Fleet, args: argparse.Namespace, out: TextIO, err:
         report = fleet.scale(args.model, args.replicas)
     else:  # pragma: no cover - argparse only lets known commands through
         raise AssertionError(cmd)
-    _print_report(report, args, out, err, fleet.label)
+    print_report(report, args, out, err, fleet.label)
     return EXIT_OK
 
 
@@ -372,7 +283,7 @@ def _with_host_overrides(registry: Registry, args: argparse.Namespace) -> Regist
 def main(
     argv: Sequence[str] | None = None,
     *,
-    fleet_factory: FleetFactory | None = None,
+    fleet_builder: FleetBuilder | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
@@ -393,7 +304,7 @@ def main(
             return _cmd_check(registry, args, out, err)
         if args.command == "compose":
             return _cmd_compose(registry, args, out, err)
-        fleet = (fleet_factory or _default_factory)(registry, args, progress)
+        fleet = (fleet_builder or _default_builder)(registry, args, progress)
         return _run_fleet_command(fleet, args, out, err)
     except (RegistryError, SpecError) as exc:
         print(f"fleet: {exc}", file=err)

@@ -1,9 +1,8 @@
 """The container engine: the one module that imports `docker`.
 
-`Engine` is the small interface `fleet.lifecycle` drives: list the managed containers (by
-label), create+start one from `docker_run_kwargs`, start, stop, remove, read logs. The engine
-never decides anything; it executes and reports. `DockerEngine` implements it with the Docker
-SDK and turns Docker's errors into `EngineError`s whose messages say what to do:
+`DockerEngine` implements `fleet.containers.Engine` (the small interface `fleet.lifecycle`
+drives) with the Docker SDK. It never decides anything; it executes and reports, and turns
+Docker's errors into the `fleet.errors.EngineError` kinds, whose messages say what to do:
 
 - `DockerUnreachable`: the daemon cannot be reached (named address, how to start it).
 - `ImageMissing`: the image is not present locally (how to build or pull it).
@@ -14,20 +13,29 @@ SDK and turns Docker's errors into `EngineError`s whose messages say what to do:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
-import docker
 import docker.errors
 import docker.types
 import requests.exceptions
 
-from fleet.spec import LABEL_MANAGED, LABEL_MODEL, LABEL_SPEC_HASH
+import docker
+from fleet.containers import ContainerRecord, parse_time, record_from_attrs
+from fleet.errors import (
+    ContainerMissing,
+    DockerUnreachable,
+    EngineError,
+    ImageMissing,
+    NameConflict,
+    NoGpuRuntime,
+    PortInUse,
+)
+from fleet.spec import LABEL_MANAGED, LABEL_MODEL
 
 DEFAULT_DOCKER_SOCKET = "unix:///var/run/docker.sock"
 DEFAULT_DOCKER_TIMEOUT = 60.0
@@ -36,83 +44,6 @@ START_DOCKER_HINT = (
     "is dockerd running? start it with `sudo systemctl start docker` (or `sudo dockerd &` "
     "where there is no systemd), or point --docker-host / DOCKER_HOST at a running daemon"
 )
-
-
-class EngineError(RuntimeError):
-    """A container-engine operation failed; the message says what to do about it."""
-
-
-class DockerUnreachable(EngineError):
-    pass
-
-
-class ImageMissing(EngineError):
-    pass
-
-
-class PortInUse(EngineError):
-    pass
-
-
-class NoGpuRuntime(EngineError):
-    pass
-
-
-class NameConflict(EngineError):
-    pass
-
-
-class ContainerMissing(EngineError):
-    pass
-
-
-@dataclass(frozen=True)
-class ContainerRecord:
-    """What the engine observed about one container."""
-
-    id: str
-    name: str
-    model: str
-    state: str  # Docker's State.Status: created, running, paused, restarting, exited, dead
-    health: str | None = None  # Docker healthcheck: starting, healthy, unhealthy; None if none
-    spec_hash: str | None = None
-    image: str = ""
-    ports: tuple[int, ...] = ()
-    started_at: float | None = None  # epoch seconds of the last start
-    exit_code: int | None = None
-    restart_count: int = 0
-    labels: Mapping[str, str] = field(default_factory=dict)
-    networks: tuple[str, ...] = ()  # user-defined networks (not bridge/host/none)
-    oom_killed: bool = False  # Docker's State.OOMKilled: the kernel's OOM killer struck
-
-    @property
-    def running(self) -> bool:
-        return self.state in ("running", "restarting", "paused")
-
-
-class Engine(Protocol):
-    """What the lifecycle needs from a container engine (real: `DockerEngine`)."""
-
-    def list_managed(self, labels: Mapping[str, str] | None = None) -> list[ContainerRecord]:
-        """Containers labelled managed (and with every label in `labels`), stopped ones too."""
-
-    def inspect(self, container: str) -> ContainerRecord | None: ...
-
-    def has_image(self, image: str) -> bool:
-        """Whether `image` is present locally (what a create would need)."""
-
-    def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
-        """Create and start a container from `containers.create` keyword arguments."""
-
-    def start(self, container: str) -> None: ...
-
-    def stop(self, container: str, timeout: float) -> None: ...
-
-    def remove(self, container: str, *, force: bool = False) -> None: ...
-
-    def logs(self, container: str, tail: int = 50) -> str: ...
-
-    def follow_logs(self, container: str, tail: int = 50) -> Iterator[str]: ...
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,64 +79,15 @@ def _short_reason(text: str) -> str:
     return re.sub(r"\s+", " ", text)[:200]
 
 
-def _parse_time(value: str | None) -> float | None:
-    if not value or value.startswith("0001-01-01"):
-        return None
-    text = value.rstrip("Z")
-    if "." in text:
-        head, frac = text.split(".", 1)
-        digits = re.match(r"\d*", frac)
-        frac_digits = digits.group(0)[:6] if digits else ""
-        rest = frac[len(digits.group(0)) if digits else 0:]
-        text = f"{head}.{frac_digits or '0'}{rest}"
-    if not re.search(r"[+-]\d\d:\d\d$", text):
-        text += "+00:00"
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
-
-
-def record_from_attrs(attrs: Mapping[str, Any]) -> ContainerRecord:
-    """A `ContainerRecord` from Docker's inspect JSON."""
-    config = attrs.get("Config") or {}
-    state = attrs.get("State") or {}
-    host_config = attrs.get("HostConfig") or {}
-    labels = dict(config.get("Labels") or {})
-    ports: set[int] = set()
-    for bindings in (host_config.get("PortBindings") or {}).values():
-        for b in bindings or []:
-            if str(b.get("HostPort") or "").isdigit():
-                ports.add(int(b["HostPort"]))
-    health = (state.get("Health") or {}).get("Status") or None
-    running = state.get("Status") == "running"
-    nets = ((attrs.get("NetworkSettings") or {}).get("Networks") or {})
-    networks = tuple(sorted(n for n in nets if n not in ("bridge", "host", "none")))
-    return ContainerRecord(
-        id=str(attrs.get("Id", "")),
-        name=str(attrs.get("Name", "")).lstrip("/"),
-        model=labels.get(LABEL_MODEL, ""),
-        state=str(state.get("Status", "unknown")),
-        health=health,
-        spec_hash=labels.get(LABEL_SPEC_HASH),
-        image=str(config.get("Image", "")),
-        ports=tuple(sorted(ports)),
-        started_at=_parse_time(state.get("StartedAt")) if running else None,
-        exit_code=None if running else state.get("ExitCode"),
-        restart_count=int(attrs.get("RestartCount") or 0),
-        labels=labels,
-        networks=networks,
-        oom_killed=bool(state.get("OOMKilled")),
-    )
-
-
 def _device_requests(raw: Sequence[Any]) -> list[docker.types.DeviceRequest]:
     out: list[docker.types.DeviceRequest] = []
     for req in raw:
         if isinstance(req, docker.types.DeviceRequest):
             out.append(req)
             continue
-        get = (lambda *keys: next((req[k] for k in keys if k in req), None))  # noqa: E731
+        def get(*keys: str, req: Mapping[str, Any] = req) -> Any:
+            return next((req[k] for k in keys if k in req), None)
+
         out.append(
             docker.types.DeviceRequest(
                 driver=get("Driver", "driver") or "",
@@ -361,7 +243,8 @@ class DockerEngine:
             other = self.client.containers.get(name)
             labels = (other.attrs.get("Config") or {}).get("Labels") or {}
             managed = labels.get(LABEL_MANAGED) == "true"
-            who = f"container {other.short_id} (image {(other.attrs.get('Config') or {}).get('Image', '?')})"
+            image = (other.attrs.get("Config") or {}).get("Image", "?")
+            who = f"container {other.short_id} (image {image})"
         except Exception:  # best effort: the message is still useful without the details
             pass
         if managed:
@@ -408,10 +291,8 @@ class DockerEngine:
                 container.start()
         except EngineError:
             # A container that never ran would only block the name: take it away again.
-            try:
+            with contextlib.suppress(Exception):
                 container.remove(force=True)
-            except Exception:
-                pass
             raise
         with self._mapped("inspect", run_kwargs):
             container.reload()
@@ -436,7 +317,7 @@ class DockerEngine:
 
     def stop(self, container: str, timeout: float) -> None:
         with self._mapped("stop"):
-            self.client.containers.get(container).stop(timeout=max(0, int(round(timeout))))
+            self.client.containers.get(container).stop(timeout=max(0, round(timeout)))
 
     def remove(self, container: str, *, force: bool = False) -> None:
         with self._mapped("remove"):
@@ -448,7 +329,7 @@ class DockerEngine:
     def logs(self, container: str, tail: int = 50) -> str:
         with self._mapped("logs"):
             raw = self.client.containers.get(container).logs(stdout=True, stderr=True, tail=tail)
-        return raw.decode("utf-8", errors="replace")
+        return bytes(raw).decode("utf-8", errors="replace")
 
     def follow_logs(self, container: str, tail: int = 50) -> Iterator[str]:
         """Log lines as they come; ends when the container stops.
@@ -471,7 +352,7 @@ class DockerEngine:
                     while b"\n" in buffer:
                         line, buffer = buffer.split(b"\n", 1)
                         ts, _, text = line.decode("utf-8", errors="replace").partition(" ")
-                        parsed = _parse_time(ts)
+                        parsed = parse_time(ts)
                         if parsed is not None:
                             since = parsed + 1e-6
                         yield text

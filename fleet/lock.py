@@ -20,26 +20,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
+from fleet.errors import LockTimeout
+
 LOCK_ENV = "FLEET_LOCK_FILE"
 DEFAULT_LOCK_TIMEOUT = 600.0
 
 
-class LockTimeout(RuntimeError):
-    """The switch lock was not acquired in time; the message names the holder."""
-
-    def __init__(self, path: Path, timeout: float, holder: str) -> None:
-        self.path = path
-        self.timeout = timeout
-        self.holder = holder
-        super().__init__(
-            f"another fleet operation holds the switch lock {path} ({holder or 'holder unknown'}); "
-            f"waited {timeout:g}s. Wait for it to finish and retry, or, if that process is stuck, "
-            f"end it (kill PID); the lock is released when its holder exits."
-        )
-
-
 def default_lock_path(environ: Mapping[str, str] | None = None) -> Path:
-    """`$FLEET_LOCK_FILE`, else `$XDG_RUNTIME_DIR/vllm-fleet.lock`, else `/tmp/vllm-fleet-<uid>.lock`."""
+    """`$FLEET_LOCK_FILE`, else `$XDG_RUNTIME_DIR/vllm-fleet.lock`, else
+    `/tmp/vllm-fleet-<uid>.lock`."""
     env = os.environ if environ is None else environ
     explicit = env.get(LOCK_ENV)
     if explicit:
@@ -120,7 +109,8 @@ class SwitchLock:
                     if time.monotonic() >= deadline:
                         raise LockTimeout(self.path, limit, self.holder()) from None
                     if not told and self._on_wait is not None:
-                        self._on_wait(f"waiting for the switch lock held by {self.holder() or 'another process'}")
+                        holder = self.holder() or "another process"
+                        self._on_wait(f"waiting for the switch lock held by {holder}")
                         told = True
                     time.sleep(self.poll_interval)
             os.ftruncate(fd, 0)

@@ -10,15 +10,15 @@ import docker.types
 import pytest
 import requests
 
-from fleet.engine import (
-    DockerEngine,
+from fleet.containers import record_from_attrs
+from fleet.engine import DockerEngine
+from fleet.errors import (
     DockerUnreachable,
     EngineError,
     ImageMissing,
     NameConflict,
     NoGpuRuntime,
     PortInUse,
-    record_from_attrs,
 )
 from fleet.registry import parse_registry
 from fleet.spec import container_spec, docker_run_kwargs

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from fleet.engine import DockerUnreachable, NoGpuRuntime
+from fleet.errors import (
+    DockerUnreachable,
+    Interrupted,
+    NoGpuRuntime,
+    PlacementRefused,
+    ScaleOutOfRange,
+    StartFailed,
+    UnknownModel,
+)
 from fleet.lifecycle import Fleet
-from fleet.report import Interrupted, PlacementRefused, ScaleOutOfRange, StartFailed, UnknownModel
 from support.fleet_fakes import REPLICA_TOML, FakeWorld, make_fleet, make_registry, spec_hash_of
 
 pytestmark = pytest.mark.unit
@@ -576,7 +583,7 @@ def test_logs_of_a_replica(rfleet: Fleet, world: FakeWorld) -> None:
 
 
 def test_switch_refuses_before_evicting_when_the_target_image_is_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from fleet.engine import ImageMissing
+    from fleet.errors import ImageMissing
 
     world = FakeWorld()
     fleet = make_fleet(world, make_registry(), tmp_path)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.lock import LockTimeout, SwitchLock, default_lock_path
+from fleet.errors import LockTimeout
+from fleet.lock import SwitchLock, default_lock_path
 
 pytestmark = pytest.mark.unit
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.engine import ContainerRecord, EngineError
-from fleet.health import HealthResult, ProbeError
+from fleet.containers import ContainerRecord
+from fleet.errors import EngineError, ProbeError
+from fleet.health import HealthResult
 from fleet.lifecycle import Fleet
 from fleet.lock import SwitchLock
 from fleet.registry import Registry, parse_registry
