@@ -19,6 +19,7 @@ from fleet.errors import EngineError, ModelFailure, ProbeError
 from fleet.health import Probe
 from fleet.observe import ModelSeen, ReplicaSeen, base_url, replica_label
 from fleet.planner import Eviction
+from fleet.pull import PullProgress
 from fleet.registry import ModelSpec, Registry, replica_service_name
 from fleet.report import ActionTaken, Report
 from fleet.spec import ContainerSpec, docker_run_kwargs
@@ -135,6 +136,14 @@ class ReplicaActor:
             self.engine.stop(rec.id, self.settings.stop_timeout)
             self.engine.start(rec.id)
             return Action.RESTART
+
+    def pull(self, m: ModelSpec, image: str, report: Report) -> None:
+        """Pull `image` for `m`, its progress said layer by layer (`fleet.pull`)."""
+        t = self.clock.monotonic()
+        self.say(f"pulling {image} for {m.name}")
+        self.engine.pull(image, PullProgress(image, self.say, self.clock.monotonic))
+        self.say(f"pulled {image} in {self.clock.monotonic() - t:.1f}s")
+        self._record(report, m.name, Action.PULL, t, image)
 
     # -- evicting, stopping, removing ----------------------------------------------------
 

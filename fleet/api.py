@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet.clock import Clock
 from fleet.containers import Engine
-from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DockerEngine
+from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DEFAULT_PULL_SILENCE, DockerEngine
 from fleet.health import HttpProbe, Probe
 from fleet.lifecycle import DEFAULT_STOP_TIMEOUT, Fleet
 from fleet.lock import DEFAULT_LOCK_TIMEOUT, SwitchLock, default_lock_path
@@ -29,6 +29,7 @@ from fleet.registry import Registry
 from fleet.report import ModelStatus, Report
 from fleet.spec import DEFAULT_NAME_PREFIX
 from fleet.states import READY_STATES, ReplicaState
+from fleet.waiting import DEFAULT_WATCH_EVERY
 
 
 class FleetSettings(BaseSettings):
@@ -39,7 +40,8 @@ class FleetSettings(BaseSettings):
     test run), FLEET_LOCK_FILE, FLEET_LOCK_TIMEOUT, FLEET_DOCKER_HOST or DOCKER_HOST,
     FLEET_DOCKER_TIMEOUT, FLEET_STOP_TIMEOUT, FLEET_NETWORK (a user-defined network, e.g. the
     compose project's `vllm-fleet_default`, that created containers join with their service
-    name as alias).
+    name as alias), FLEET_WATCH_EVERY (seconds between the progress lines of a model that
+    loads; 0: none), FLEET_PULL_SILENCE (seconds an image pull may go without progress).
     """
 
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", populate_by_name=True)
@@ -53,6 +55,8 @@ class FleetSettings(BaseSettings):
     docker_timeout: float = Field(default=DEFAULT_DOCKER_TIMEOUT, gt=0)
     stop_timeout: float = Field(default=DEFAULT_STOP_TIMEOUT, ge=0)
     network: str | None = None
+    watch_every: float = Field(default=DEFAULT_WATCH_EVERY, ge=0)
+    pull_silence: float = Field(default=DEFAULT_PULL_SILENCE, gt=0)
 
     def labels(self) -> dict[str, str]:
         return parse_labels(self.extra_labels)
@@ -99,13 +103,18 @@ def build_fleet(
     progress: Callable[[str], None] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Fleet:
-    """A `Fleet` wired with real parts (Docker, httpx, flock) unless given others."""
+    """A `Fleet` wired with real parts (Docker, httpx, flock) unless given others.
+
+    `progress` receives every progress line (what is created, started, evicted; image pulls
+    layer by layer; a loading model every `watch_every` seconds): the CLI prints them on
+    stderr, the gateway can route them to its log."""
     s = settings or load_settings()
     env = os.environ if environ is None else environ
     lock_path = s.lock_file or default_lock_path(env)
     return Fleet(
         registry,
-        engine or DockerEngine(s.docker_host, timeout=s.docker_timeout),
+        engine or DockerEngine(s.docker_host, timeout=s.docker_timeout,
+                               pull_silence=s.pull_silence),
         lock=SwitchLock(lock_path, timeout=s.lock_timeout, on_wait=progress),
         probe=probe or HttpProbe(),
         clock=clock,
@@ -117,6 +126,7 @@ def build_fleet(
         network=s.network,
         environ=env,
         stop_timeout=s.stop_timeout,
+        watch_every=s.watch_every,
     )
 
 

@@ -1,6 +1,6 @@
 """`fleet`: run the registry's models as Docker containers.
 
-    fleet [--registry PATH] [--docker-host URL] COMMAND ...
+    fleet [--registry PATH] [--docker-host URL] [--quiet] COMMAND ...
 
     up [MODEL...]            start/adopt/recreate the models (default: autostart ones), wait healthy
     down [MODEL...]          stop and remove containers (default: all of this fleet's)
@@ -15,7 +15,10 @@
                              render compose.yaml (`--check`: exit 1 with the diff on drift)
     plan switch MODEL        what `switch` would do now (dry run)
 
-Data goes to stdout, progress and diagnostics to stderr. Exit codes: 0 ok, 1 failed
+Data goes to stdout, progress and diagnostics to stderr: up, switch, wake and scale pull a
+missing image (the registry's `pull` setting) with per-layer progress, and say every few
+seconds how far each loading model is, with its latest log line (`--quiet`: no progress
+lines). Exit codes: 0 ok, 1 failed
 (including Docker unreachable, a model that did not become healthy, a refused switch),
 2 usage or configuration error (invalid registry, unknown model).
 """
@@ -62,6 +65,9 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
                    help="override [host].cpus, the cores the planner budgets")
     p.add_argument("--host-gpus", metavar="IDS", default=default,
                    help="override [host].gpus with these ids, e.g. 0,1")
+    p.add_argument("--quiet", "-q", action="store_true", default=default,
+                   help="no progress lines on stderr (pulls, starts, loads); errors and the "
+                        "timings still")
     return p
 
 
@@ -296,7 +302,8 @@ def main(
         return int(exc.code or 0)
 
     def progress(message: str) -> None:
-        print(message, file=err, flush=True)
+        if not args.quiet:
+            print(message, file=err, flush=True)
 
     try:
         registry = _with_host_overrides(load_registry(registry_path(args.registry)), args)

@@ -9,7 +9,7 @@ reads Docker's inspect JSON. Pure: the Docker SDK itself is only in `fleet.engin
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -51,6 +51,10 @@ class Engine(Protocol):
 
     def has_image(self, image: str) -> bool:
         """Whether `image` is present locally (what a create would need)."""
+
+    def pull(self, image: str, on_event: Callable[[Mapping[str, Any]], None]) -> None:
+        """Pull `image` (Docker's own credentials), each progress event to `on_event`;
+        `fleet.errors.PullFailed` with the registry's answer when it fails."""
 
     def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
         """Create and start a container from `containers.create` keyword arguments."""

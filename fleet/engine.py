@@ -6,6 +6,7 @@ Docker's errors into the `fleet.errors.EngineError` kinds, whose messages say wh
 
 - `DockerUnreachable`: the daemon cannot be reached (named address, how to start it).
 - `ImageMissing`: the image is not present locally (how to build or pull it).
+- `PullFailed`: a pull failed (the image, the registry's answer, what to do).
 - `PortInUse`: the model's host port is taken (which port, which model, how to find the user).
 - `NoGpuRuntime`: GPUs were requested but Docker has no NVIDIA runtime.
 - `NameConflict`: the container name is taken by a container the fleet does not manage.
@@ -14,7 +15,8 @@ Docker's errors into the `fleet.errors.EngineError` kinds, whose messages say wh
 from __future__ import annotations
 
 import contextlib
-import re
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,10 +24,20 @@ from typing import Any
 
 import docker.errors
 import docker.types
+import docker.utils
 import requests.exceptions
 
-import docker
 from fleet.containers import ContainerRecord, parse_time, record_from_attrs
+from fleet.engine_text import (
+    PORT_RE,
+    START_DOCKER_HINT,
+    gpu_ids,
+    host_ports,
+    is_gpu_driver_error,
+    is_port_error,
+    model_of,
+    short_reason,
+)
 from fleet.errors import (
     ContainerMissing,
     DockerUnreachable,
@@ -34,50 +46,18 @@ from fleet.errors import (
     NameConflict,
     NoGpuRuntime,
     PortInUse,
+    PullFailed,
 )
-from fleet.spec import LABEL_MANAGED, LABEL_MODEL
+from fleet.pull import pull_failed_message
+from fleet.spec import LABEL_MANAGED
 
 DEFAULT_DOCKER_SOCKET = "unix:///var/run/docker.sock"
 DEFAULT_DOCKER_TIMEOUT = 60.0
-
-START_DOCKER_HINT = (
-    "is dockerd running? start it with `sudo systemctl start docker` (or `sudo dockerd &` "
-    "where there is no systemd), or point --docker-host / DOCKER_HOST at a running daemon"
-)
-
+DEFAULT_PULL_SILENCE = 300.0  # seconds a pull may go without a progress event
 
 # ---------------------------------------------------------------------------------------
 # Docker
 # ---------------------------------------------------------------------------------------
-
-_PORT_RE = re.compile(
-    r"(?:Bind for|listen tcp[46]?|bind) \[?([0-9a-fA-F.:]*?)\]?:(\d+)(?: failed|: bind)", re.I
-)
-
-
-def _is_gpu_driver_error(text: str) -> bool:
-    t = text.lower()
-    return "could not select device driver" in t or "unknown or invalid runtime name: nvidia" in t
-
-
-def _is_port_error(text: str) -> bool:
-    t = text.lower()
-    return "port is already allocated" in t or "address already in use" in t
-
-
-def _short_reason(text: str) -> str:
-    """The useful part of a requests/urllib3 connection error ("[Errno 111] Connection refused")."""
-    m = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
-    if m:
-        return m.group(0).strip()
-    m = re.search(r"(No such file or directory|Connection refused|Name or service not known|"
-                  r"timed out|Permission denied|Remote end closed connection without response)",
-                  text)
-    if m:
-        return m.group(1)
-    text = text.removeprefix("Error while fetching server API version: ")
-    return re.sub(r"\s+", " ", text)[:200]
-
 
 def _device_requests(raw: Sequence[Any]) -> list[docker.types.DeviceRequest]:
     out: list[docker.types.DeviceRequest] = []
@@ -100,30 +80,6 @@ def _device_requests(raw: Sequence[Any]) -> list[docker.types.DeviceRequest]:
     return out
 
 
-def _model_of(kwargs: Mapping[str, Any]) -> str:
-    return str((kwargs.get("labels") or {}).get(LABEL_MODEL, kwargs.get("name", "?")))
-
-
-def _gpu_ids(kwargs: Mapping[str, Any]) -> list[str]:
-    ids: list[str] = []
-    for req in kwargs.get("device_requests") or []:
-        got = req.get("DeviceIDs") or req.get("device_ids") or []
-        ids.extend(str(i) for i in got)
-    return ids
-
-
-def _host_ports(kwargs: Mapping[str, Any]) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = []
-    for binding in (kwargs.get("ports") or {}).values():
-        items = binding if isinstance(binding, list) else [binding]
-        for b in items:
-            if isinstance(b, tuple) and len(b) == 2:
-                out.append((str(b[0]), int(b[1])))
-            elif isinstance(b, int | str) and str(b).isdigit():
-                out.append(("0.0.0.0", int(b)))
-    return out
-
-
 class DockerEngine:
     """`Engine` over the Docker SDK. The client is created on first use."""
 
@@ -133,9 +89,11 @@ class DockerEngine:
         *,
         timeout: float = DEFAULT_DOCKER_TIMEOUT,
         client_factory: Callable[[], Any] | None = None,
+        pull_silence: float = DEFAULT_PULL_SILENCE,
     ) -> None:
         self.base_url = base_url or DEFAULT_DOCKER_SOCKET
         self.timeout = timeout
+        self.pull_silence = pull_silence
         self._explicit_url = base_url
         self._factory = client_factory or self._default_factory
         self._client: Any = None
@@ -169,7 +127,7 @@ class DockerEngine:
     # -- error mapping ---------------------------------------------------------------
 
     def _unreachable(self, exc: BaseException) -> DockerUnreachable:
-        reason = _short_reason(str(exc))
+        reason = short_reason(str(exc))
         return DockerUnreachable(
             f"cannot reach the Docker daemon at {self.base_url} ({reason}): {START_DOCKER_HINT}"
         )
@@ -183,7 +141,7 @@ class DockerEngine:
         except docker.errors.ImageNotFound as exc:
             image = (kwargs or {}).get("image", "?")
             raise ImageMissing(
-                f"image {image} not found locally (model {_model_of(kwargs or {})!r}); build it "
+                f"image {image} not found locally (model {model_of(kwargs or {})!r}); build it "
                 f"with scripts/build-images.sh or `docker pull {image}`"
             ) from exc
         except docker.errors.APIError as exc:
@@ -205,20 +163,20 @@ class DockerEngine:
         self, op: str, exc: docker.errors.APIError, kwargs: Mapping[str, Any]
     ) -> EngineError:
         text = str(exc.explanation or exc)
-        model = _model_of(kwargs)
-        if _is_gpu_driver_error(text):
-            gpus = _gpu_ids(kwargs)
+        model = model_of(kwargs)
+        if is_gpu_driver_error(text):
+            gpus = gpu_ids(kwargs)
             return NoGpuRuntime(
                 f"model {model!r} requests GPUs [{', '.join(gpus)}] but Docker has no NVIDIA "
                 f"runtime ({text.strip()}): install the NVIDIA Container Toolkit and restart "
                 f"dockerd, or set gpus = [] for a CPU image"
             )
-        if _is_port_error(text):
-            m = _PORT_RE.search(text)
+        if is_port_error(text):
+            m = PORT_RE.search(text)
             if m:
                 ip, port = m.group(1) or "0.0.0.0", int(m.group(2))
             else:
-                bound = _host_ports(kwargs)
+                bound = host_ports(kwargs)
                 ip, port = bound[0] if bound else ("?", 0)
             return PortInUse(
                 f"port {port} of model {model!r} is already in use on {ip}: find who holds it "
@@ -279,6 +237,52 @@ class DockerEngine:
         except ImageMissing:
             return False
         return True
+
+    def pull(self, image: str, on_event: Callable[[Mapping[str, Any]], None]) -> None:
+        """Pull `image`, passing each of Docker's progress events to `on_event`.
+
+        Credentials are Docker's own: the SDK reads the Docker config (`~/.docker/config.json`
+        or `$DOCKER_CONFIG`, with its credential helpers) as `docker pull` does. A failure
+        is PullFailed with the registry's answer. The stream is read by a helper thread, so
+        a daemon silent for `pull_silence` seconds (Docker reports progress far more often)
+        is an error, not a hang.
+        """
+        repo, tag = docker.utils.parse_repository_tag(image)
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def read() -> None:
+            try:
+                with self._mapped("pull", {"image": image}):
+                    try:
+                        for event in self.client.api.pull(repo, tag=tag or "latest",
+                                                           stream=True, decode=True):
+                            events.put(("event", event))
+                    except docker.errors.APIError as exc:
+                        answer = str(exc.explanation or exc)
+                        raise PullFailed(pull_failed_message(image, answer), image=image,
+                                         answer=answer) from exc
+                events.put(("done", None))
+            except BaseException as exc:  # handed to the caller's thread
+                events.put(("error", exc))
+
+        threading.Thread(target=read, name=f"pull {image}", daemon=True).start()
+        while True:
+            try:
+                kind, value = events.get(timeout=self.pull_silence)
+            except queue.Empty:
+                self.close()  # drops the connection: the reader ends
+                raise EngineError(
+                    f"the Docker daemon at {self.base_url} reported nothing for "
+                    f"{self.pull_silence:g}s while pulling {image}; check `docker info` and "
+                    f"the registry, then retry") from None
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            if value.get("error"):
+                answer = str((value.get("errorDetail") or {}).get("message") or value["error"])
+                raise PullFailed(pull_failed_message(image, answer), image=image, answer=answer)
+            on_event(value)
 
     def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
         kwargs = dict(run_kwargs)

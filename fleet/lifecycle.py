@@ -21,7 +21,6 @@ import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from fleet.actions import ActorSettings, ReplicaActor
 from fleet.autoscale import check_scale
@@ -29,7 +28,6 @@ from fleet.clock import Clock, SystemClock
 from fleet.containers import ContainerRecord, Engine
 from fleet.errors import (
     FleetError,
-    ImageMissing,
     PlacementRefused,
     UnknownModel,
     placement_refused,
@@ -51,7 +49,7 @@ from fleet.registry import ModelSpec, Registry
 from fleet.report import ActionTaken, ModelStatus, Report
 from fleet.spec import DEFAULT_NAME_PREFIX, ContainerSpec, replica_specs
 from fleet.states import READY_STATES, Action, Phase, ReplicaState, model_state
-from fleet.waiting import HealthWait, Unit
+from fleet.waiting import DEFAULT_WATCH_EVERY, HealthWait, Unit
 
 DEFAULT_STOP_TIMEOUT = 30.0
 DEFAULT_LOG_LINES = 30
@@ -79,6 +77,7 @@ class Fleet:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         poll_interval: float = 0.25,
         log_lines: int = DEFAULT_LOG_LINES,
+        watch_every: float = DEFAULT_WATCH_EVERY,
     ) -> None:
         self.registry = registry
         self.engine = engine
@@ -98,6 +97,7 @@ class Fleet:
         self.stop_timeout = stop_timeout
         self.poll_interval = poll_interval
         self.log_lines = log_lines
+        self.watch_every = watch_every  # seconds between the lines of a load (0: none)
         self._specs: dict[str, tuple[ContainerSpec, ...]] | None = None
 
     # -- parts and helpers ---------------------------------------------------------------
@@ -132,10 +132,6 @@ class Fleet:
                                  self.stop_timeout, self.poll_interval, self.log_lines)
         return ReplicaActor(self.registry, self.engine, self.probe, self.clock,
                             self.replica_specs, settings, self.say)
-
-    def run_kwargs(self, name: str, network: str | None = None, replica: int = 0) -> dict[str, Any]:
-        """docker-py create kwargs for replica `replica` of `name` (`ReplicaActor.run_kwargs`)."""
-        return self.actor.run_kwargs(name, network, replica)
 
     def model(self, name_or_alias: str) -> ModelSpec:
         """The managed model called `name_or_alias`; UnknownModel otherwise."""
@@ -180,7 +176,8 @@ class Fleet:
             observer, actor = self.observer, self.actor
             waiter = HealthWait(self.registry, observer, self.probe, self.clock,
                                 fail=actor.failure, say=self.say,
-                                poll_interval=self.poll_interval)
+                                poll_interval=self.poll_interval, engine=self.engine,
+                                watch_every=self.watch_every)
             yield Operation(name, target, seen=observer.observe(probe=probe), started=started,
                             clock=self.clock, observer=observer, actor=actor, waiter=waiter,
                             again=again)
@@ -221,19 +218,15 @@ class Fleet:
             plan = self._plan(op.seen, m.name, force, evict)
             if plan.violations:
                 raise placement_refused(f"cannot switch to {m.name}:", plan.violations)
-            image = self.registry.image(m)
-            if plan.evict and not self.engine.has_image(image):
-                # Found out now, not after the evictions: nothing is left half done.
-                raise ImageMissing(
-                    f"cannot switch to {m.name}: its image {image} is not on this host (build "
-                    f"it with scripts/build-images.sh or `docker pull {image}`); nothing was "
-                    f"evicted")
+            # Found out now, not after the evictions: nothing is left half done.
+            units = [(m, i) for i in up_set(m, op.seen[m.name])]
+            op.pull_images(units, f"cannot switch to {m.name}", "nothing was evicted")
             evicted = [ev.model for ev in plan.evict]
             with op.acting(f"`fleet switch {evicted[0]}` to go back" if evicted else ""):
                 with op.phase(Phase.EVICT):
                     for ev in plan.evict:
                         op.actor.evict(ev, op.seen[ev.model], op.report)
-                op.bring_up([(m, i) for i in up_set(m, op.seen[m.name])], deadline=deadline)
+                op.bring_up(units, deadline=deadline)
                 return op.finish()
 
     # -- up / down -----------------------------------------------------------------------
@@ -259,6 +252,7 @@ class Fleet:
                     f"or `fleet down` first)" if others else "")
             self._must_fit(after, f"cannot bring up {', '.join(names)} together{hint}:")
             units: list[Unit] = [(m, i) for m in targets for i in want[m.name]]
+            op.pull_images(units, f"cannot bring up {', '.join(names)}")
             with op.acting():
                 with op.phase(Phase.START):
                     for m in targets:
@@ -312,28 +306,29 @@ class Fleet:
         m = self.model(model)
         check_scale(m, replicas)
         again = f"fleet scale {m.name} {replicas}"
-        with self.operation("scale", [m.name], deadline=deadline, again=again) as op, \
-                op.acting():
+        with self.operation("scale", [m.name], deadline=deadline, again=again) as op:
             ms = op.seen[m.name]
-            op.actor.remove_strays(m, ms, op.report)
             awake = list(ms.awake(m.replica_slots))
-            if len(awake) < replicas:
-                free = [i for i in range(m.replica_slots) if i not in awake]
-                add = free[:replicas - len(awake)]
+            free = [i for i in range(m.replica_slots) if i not in awake]
+            add = free[:max(0, replicas - len(awake))]
+            if add:  # checked before acting: a refusal leaves nothing half done
                 others = awake_map(self.registry, op.seen, exclude=m.name)
                 self._must_fit({**others, m.name: sorted({*awake, *add})},
                                f"cannot scale {m.name} to {replicas} replica(s) beside what "
                                f"is awake ({', '.join(others) or 'nothing else'}); scaling "
                                f"never evicts (`fleet switch` does):")
-                op.bring_up([(m, i) for i in add], deadline=deadline)
-            elif len(awake) > replicas:
-                for i in sorted(awake, reverse=True)[:len(awake) - replicas]:
+                op.pull_images([(m, i) for i in add], f"cannot scale {m.name}")
+            with op.acting():
+                op.actor.remove_strays(m, ms, op.report)
+                if add:
+                    op.bring_up([(m, i) for i in add], deadline=deadline)
+                for i in sorted(awake, reverse=True)[:max(0, len(awake) - replicas)]:
                     op.actor.evict_replica(m, i, ms.replicas[i], Action.STOP,
                                            f"scaled to {replicas}", op.report)
-            else:
-                op.report.actions.append(ActionTaken(
-                    m.name, Action.NONE, 0.0, f"already {replicas} awake replica(s)"))
-            return op.finish()
+                if len(awake) == replicas:
+                    op.report.actions.append(ActionTaken(
+                        m.name, Action.NONE, 0.0, f"already {replicas} awake replica(s)"))
+                return op.finish()
 
     # -- sleep / wake --------------------------------------------------------------------
 
@@ -375,8 +370,10 @@ class Fleet:
             self._must_fit({**others, m.name: mine},
                            f"cannot wake {m.name} beside {', '.join(others) or 'nothing else'}; "
                            f"`fleet switch {m.name}` evicts what is in the way:")
+            units = [(m, i) for i in want]
+            op.pull_images(units, f"cannot wake {m.name}")
             with op.acting():
-                op.bring_up([(m, i) for i in want])
+                op.bring_up(units)
                 return op.finish()
 
     # -- logs ----------------------------------------------------------------------------

@@ -23,14 +23,17 @@ from fleet.clock import Clock
 from fleet.errors import (
     DockerUnreachable,
     EngineError,
+    ImageMissing,
     Interrupted,
     ModelFailure,
+    PullFailed,
     StartFailed,
 )
 from fleet.observe import ModelSeen, Observer, ReplicaSeen, awake_models, replica_label
+from fleet.pull import pull_policy
 from fleet.registry import ModelSpec
 from fleet.report import Report
-from fleet.states import Phase
+from fleet.states import Phase, PullPolicy, ReplicaState
 from fleet.waiting import HealthWait, Unit
 
 
@@ -76,6 +79,37 @@ class Operation:
         t = self.clock.monotonic()
         yield
         self.report.timings[phase] = self.clock.monotonic() - t
+
+    def pull_images(self, units: Sequence[Unit], refusal: str,
+                    nothing: str = "nothing was started") -> None:
+        """Before acting: get the images the units' new containers need (absent or drifted
+        replicas), by each model's pull policy: missing (pull when not on the host), always
+        (pull), never (refuse when missing). A refusal or a failed pull begins with
+        `refusal` (e.g. "cannot switch to b") and ends with `nothing` (what was not done)."""
+        registry, engine = self.observer.registry, self.actor.engine
+        needed: dict[str, ModelSpec] = {}
+        for m, i in units:
+            if self.seen[m.name].replicas[i].state in (ReplicaState.ABSENT,
+                                                       ReplicaState.DRIFTED):
+                needed.setdefault(registry.image(m), m)
+        t = self.clock.monotonic()
+        pulled = False
+        for image, m in needed.items():
+            policy = pull_policy(registry, m)
+            if policy != PullPolicy.ALWAYS and engine.has_image(image):
+                continue
+            if policy == PullPolicy.NEVER:
+                raise ImageMissing(f"{refusal}: its image {image} is not on this host (build it "
+                                   f"with scripts/build-images.sh or `docker pull {image}`); "
+                                   f"{nothing}")
+            try:
+                self.actor.pull(m, image, self.report)
+            except PullFailed as exc:
+                raise PullFailed(f"{refusal}: {exc}; {nothing}", image=exc.image,
+                                 answer=exc.answer) from exc
+            pulled = True
+        if pulled:
+            self.report.timings[Phase.PULL] = self.clock.monotonic() - t
 
     def start(self, m: ModelSpec, replica: int, seen: ReplicaSeen) -> None:
         """Bring one replica up (no waiting). An engine refusal (port taken, no GPU

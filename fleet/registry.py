@@ -29,6 +29,7 @@ from fleet.registry_checks import (
     suggest,
     validate_section,
 )
+from fleet.states import PullPolicy
 
 DEFAULT_REGISTRY_PATH = "models.toml"
 REGISTRY_ENV = "FLEET_REGISTRY"
@@ -71,6 +72,7 @@ class Defaults(_Strict):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
+    pull: PullPolicy = PullPolicy.MISSING  # when to pull the image (fleet.pull)
 
 
 class ModelSpec(_Strict):
@@ -80,13 +82,13 @@ class ModelSpec(_Strict):
     description: str = ""
     tags: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
-    # A remote model: an already running OpenAI-compatible server (or a list of replicas of
-    # one), routed to, never managed.
+    # A remote model: a running OpenAI-compatible server (or its replicas' URLs), not managed.
     url: str | tuple[str, ...] | None = None
     served_model_name: str | None = None
     # A managed model: one vLLM container.
     source: str | None = None
     image: str | None = None
+    pull: PullPolicy | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     host_ip: str | None = None
     gpus: tuple[int, ...] = ()
@@ -103,8 +105,7 @@ class ModelSpec(_Strict):
     args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
     volumes: tuple[str, ...] = ()
-    # Replicas: `replicas` containers (ports port, port+1, ...), or autoscaled between
-    # min_replicas and max_replicas around target_ongoing_requests per replica.
+    # Replicas: `replicas` containers (ports port, port+1, ...), or autoscaled (min..max).
     replicas: int = Field(default=1, ge=1, le=64)
     min_replicas: int | None = Field(default=None, ge=0, le=64)
     max_replicas: int | None = Field(default=None, ge=1, le=64)
@@ -291,11 +292,9 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RegistryError(
-            source,
-            [f"file not found; create it (see README 'Registry reference') or pass "
-             f"--registry PATH / set {REGISTRY_ENV}"],
-        ) from None
+        how = f"pass --registry PATH / set {REGISTRY_ENV}"
+        raise RegistryError(source, [f"file not found; create it (see README 'Registry "
+                                     f"reference') or {how}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RegistryError(source, [f"cannot read the file: {exc}"]) from None
     return parse_registry(text, source=source, fmt="json" if p.suffix == ".json" else "toml")

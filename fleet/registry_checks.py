@@ -115,9 +115,9 @@ def cross_checks(models: Mapping[str, ModelSpec], host: Host, defaults: Defaults
                                     f"(got {u!r})")
             if len(set(m.urls)) != len(m.urls):
                 problems.append(f"{where}: field 'url': lists a URL more than once")
-            managed_only = [f for f in ("port", "image", "max_model_len", "cpus", "shm_size",
-                                        "health_timeout", "gpu_memory_utilization", "ipc_host",
-                                        "host_ip")
+            managed_only = [f for f in ("port", "image", "pull", "max_model_len", "cpus",
+                                        "shm_size", "health_timeout", "gpu_memory_utilization",
+                                        "ipc_host", "host_ip")
                             if getattr(m, f) is not None]
             managed_only += [f for f in ("gpus", "args", "env", "volumes") if getattr(m, f)]
             managed_only += [f for f in ("min_replicas", "max_replicas", "target_ongoing_requests",

@@ -80,7 +80,7 @@ def test_extra_labels_scope_what_the_fleet_sees_and_creates(world: FakeWorld,
     fleet = make_fleet(world, make_registry(), tmp_path, extra_labels={"io.vllm-fleet.test": "r1"})
     world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"))  # not in scope
     assert states(fleet)["a"] == "absent"
-    kwargs = fleet.run_kwargs("b")
+    kwargs = fleet.actor.run_kwargs("b")
     assert kwargs["labels"]["io.vllm-fleet.test"] == "r1"
     assert kwargs["labels"]["io.vllm-fleet.spec-hash"] == spec_hash_of(fleet, "b")
 
@@ -366,7 +366,7 @@ def test_a_configured_network_wins(world: FakeWorld, tmp_path: Path) -> None:
                         networks=("proj_default",))
     fleet.switch("c")
     assert world.by_model("c")[0].kwargs["networking_config"] == {"fleetnet": {"Aliases": ["vllm-c"]}}
-    assert "network" not in make_fleet(FakeWorld(), make_registry(), tmp_path).run_kwargs("a")
+    assert "network" not in make_fleet(FakeWorld(), make_registry(), tmp_path).actor.run_kwargs("a")
 
 
 # -- replicas ------------------------------------------------------------------------------
