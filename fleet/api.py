@@ -178,6 +178,9 @@ class FleetClient:
         """Return at once (None) if a replica of `model` is healthy; else switch to it (its
         initial replicas, and any sleeping ones) and wait.
 
+        A missing image is pulled first (the model's `pull` policy; progress lines go to
+        `build_fleet`'s `progress`); the pull itself is not capped by `timeout`.
+
         `timeout` (seconds) caps the wait for the switch lock and for health. `evict`: the
         only models the switch may evict (e.g. those the caller drained); None lets the
         planner choose among all awake models. Pinned models are never evicted. The
