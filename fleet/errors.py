@@ -19,13 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fleet.states import ViolationKind
-
-if TYPE_CHECKING:
-    from fleet.placement import Violation
-
 
 # -- the registry ---------------------------------------------------------------------------
 
@@ -123,10 +118,21 @@ class ScaleOutOfRange(FleetError):
     exit_code = 2
 
 
+@dataclass(frozen=True)
+class Violation:
+    """One broken placement rule (`kind`, see `fleet.states.ViolationKind`), in words, with
+    the models it is about when they matter to the caller (the busy or unevictable models
+    in the way of a switch)."""
+
+    kind: ViolationKind
+    message: str
+    models: tuple[str, ...] = ()
+
+
 class PlacementRefused(FleetError):
     """The requested models cannot be awake together with what is awake (or at all).
 
-    `violations`: every broken rule (`fleet.placement.Violation`). `blocking_models`: the
+    `violations`: every broken rule (`Violation`). `blocking_models`: the
     awake models in the way that the operation was not allowed to evict (busy without
     force, pinned, or outside the caller's `evict`); `busy_models`: those of them serving
     requests (then the error is a `ModelsBusy`).

@@ -37,25 +37,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TypeAlias
 
+from fleet.cluster import Node, planning_node
+from fleet.errors import Violation as Violation  # defined beside PlacementRefused
+from fleet.inventory import Gpu, Host
 from fleet.registry import ModelSpec, Registry
 from fleet.states import ViolationKind
 
 # What may be awake: names (each with its initial replicas), or name -> count / indices.
 AwakeSet: TypeAlias = Collection[str] | Mapping[str, int | Collection[int]]
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One broken placement rule (`kind`, see `fleet.states.ViolationKind`), in words, with
-    the models it is about when they matter to the caller (the busy or unevictable models
-    in the way of a switch)."""
-
-    kind: ViolationKind
-    message: str
-    models: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------
@@ -75,8 +66,11 @@ def check_placement(registry: Registry, awake: AwakeSet) -> list[Violation]:
 
     `awake`: model names (each counted with its `initial_replicas`), or a mapping of model
     name to a replica count (replicas 0..n-1) or to awake replica indices. Names not in the
-    registry are reported (unknown-model); remote models are ignored.
+    registry are reported (unknown-model); remote models are ignored. On a Swarm registry
+    the rules apply node by node (`check_per_node`).
     """
+    if registry.nodes:
+        return check_per_node(registry, awake)
     violations: list[Violation] = []
     units: list[tuple[ModelSpec, tuple[int, ...]]] = []
     for name, indices in _normalize(registry, awake).items():
@@ -181,6 +175,66 @@ def _cpu_violations(registry: Registry,
 
 def _unit_text(m: ModelSpec, replica: int) -> str:
     return m.name if m.replica_slots == 1 else f"{m.name} replica {replica}"
+
+
+# ---------------------------------------------------------------------------------------
+# On a Swarm: the same rules node by node. A model is budgeted on its planning node
+# (`fleet.cluster.planning_node`); each node is checked as `[host]` is on one machine, on a
+# view of the registry whose host is that node's inventory and whose models are the ones
+# planned there. Violations name the node.
+# ---------------------------------------------------------------------------------------
+
+
+def node_view(registry: Registry, node_name: str) -> Registry:
+    """`registry` as one host: `node_name`'s inventory as `[host]`, only the managed models
+    planned on it, no cluster (so the planner treats it as a single machine)."""
+    node = registry.nodes[node_name]
+    return registry.model_copy(update={
+        "host": _host_of(node),
+        "models": {n: m for n, m in registry.models.items()
+                   if m.managed and planning_node(registry.nodes, m) == node_name},
+        "cluster": None,
+        "nodes": {},
+    })
+
+
+def _host_of(node: Node) -> Host:
+    return Host(gpus=tuple(Gpu(id=g.id, memory_gib=g.memory_gib) for g in node.gpus),
+                cpus=node.cpus, gateway_cpus=node.gateway_cpus,
+                gpu_memory_ceiling=node.gpu_memory_ceiling)
+
+
+def models_by_node(registry: Registry, names: Collection[str]) -> dict[str | None, list[str]]:
+    """The managed models among `names`, grouped by planning node (None: no node fits)."""
+    out: dict[str | None, list[str]] = {}
+    for name in names:
+        m = registry.models.get(name)
+        if m is not None and m.managed:
+            out.setdefault(planning_node(registry.nodes, m), []).append(name)
+    return out
+
+
+def check_per_node(registry: Registry, awake: AwakeSet) -> list[Violation]:
+    """`fleet.placement.check_placement` for a Swarm registry: the rules per node."""
+    names = list(awake)
+    out: list[Violation] = []
+    unknown = [n for n in names if n not in registry.models]
+    for n in unknown:
+        out.append(Violation(ViolationKind.UNKNOWN_MODEL,
+                             f"{n!r} is not a model of the registry ({registry.source})"))
+    for node_name, group in models_by_node(registry, names).items():
+        if node_name is None:
+            out += [Violation(ViolationKind.UNKNOWN_NODE,
+                              f"model {n!r}: no [nodes.NAME] table can run it (check its node, "
+                              f"node_labels and gpus)")
+                    for n in group]
+            continue
+        view = node_view(registry, node_name)
+        part: AwakeSet
+        part = {n: awake[n] for n in group} if isinstance(awake, Mapping) else group
+        for v in check_placement(view, part):
+            out.append(Violation(v.kind, f"node {node_name}: {v.message}"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------

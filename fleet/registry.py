@@ -19,9 +19,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
+from fleet.cluster import Cluster, Node, cluster_problems, cluster_tables
 from fleet.errors import RegistryError as RegistryError  # imported from here by the gateway
+from fleet.inventory import DEFAULT_IMAGE as DEFAULT_IMAGE
+from fleet.inventory import Defaults as Defaults
+from fleet.inventory import Gpu as Gpu
+from fleet.inventory import Host as Host
+from fleet.inventory import Strict
+from fleet.model_spec import ModelSpec as ModelSpec
 from fleet.registry_checks import (
     ALIAS_RE,
     cross_checks,
@@ -29,161 +36,25 @@ from fleet.registry_checks import (
     suggest,
     validate_section,
 )
-from fleet.states import PullPolicy
 
 DEFAULT_REGISTRY_PATH = "models.toml"
 REGISTRY_ENV = "FLEET_REGISTRY"
-DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Gpu(_Strict):
-    """One GPU of the host inventory."""
-
-    id: int = Field(ge=0)
-    memory_gib: float | None = Field(default=None, gt=0)
-
-
-class Host(_Strict):
-    """The declared host inventory the placement planner budgets against."""
-
-    gpus: tuple[Gpu, ...] = ()
-    cpus: int | None = Field(default=None, ge=1, description="CPU cores available to the fleet")
-    gateway_cpus: int = Field(default=1, ge=0, description="cores kept for the gateway")
-    gpu_memory_ceiling: float = Field(
-        default=0.95, gt=0, le=1, description="max sum of memory fractions of awake models per GPU"
-    )
-
-
-class Defaults(_Strict):
-    """Values every managed model inherits unless it sets its own."""
-
-    image: str = DEFAULT_IMAGE
-    host_ip: str = "127.0.0.1"
-    models_dir: str | None = None
-    hf_cache: str | None = "~/.cache/huggingface"
-    shm_size: str | None = None
-    ipc_host: bool = True
-    health_timeout: float = Field(default=900.0, gt=0)
-    cpus: int | None = Field(default=None, ge=1)
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = Field(default_factory=dict)
-    pull: PullPolicy = PullPolicy.MISSING  # when to pull the image (fleet.pull)
-
-
-class ModelSpec(_Strict):
-    """One `[models.NAME]` table. Exactly one of `source` (managed) or `url` (remote)."""
-
-    name: str
-    description: str = ""
-    tags: tuple[str, ...] = ()
-    aliases: tuple[str, ...] = ()
-    # A remote model: a running OpenAI-compatible server (or its replicas' URLs), not managed.
-    url: str | tuple[str, ...] | None = None
-    served_model_name: str | None = None
-    # A managed model: one vLLM container.
-    source: str | None = None
-    image: str | None = None
-    pull: PullPolicy | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
-    host_ip: str | None = None
-    gpus: tuple[int, ...] = ()
-    dedicated: bool = False
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    max_model_len: int | None = Field(default=None, ge=1)
-    cpus: int | None = Field(default=None, ge=1)
-    sleep_mode: bool = False
-    autostart: bool = True
-    pinned: bool = False  # never evicted by a switch (`fleet sleep`, `down` still act on it)
-    health_timeout: float | None = Field(default=None, gt=0)
-    shm_size: str | None = None
-    ipc_host: bool | None = None
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = Field(default_factory=dict)
-    volumes: tuple[str, ...] = ()
-    # Replicas: `replicas` containers (ports port, port+1, ...), or autoscaled (min..max).
-    replicas: int = Field(default=1, ge=1, le=64)
-    min_replicas: int | None = Field(default=None, ge=0, le=64)
-    max_replicas: int | None = Field(default=None, ge=1, le=64)
-    target_ongoing_requests: float | None = Field(default=None, gt=0)
-    upscale_delay: float = Field(default=30.0, ge=0, description="seconds of load before +1")
-    downscale_delay: float = Field(default=600.0, ge=0, description="idle seconds before -1")
-    # Serving limits and timeouts (the gateway's), and idle time-to-live (the fleet's).
-    max_concurrency: int | None = Field(default=None, ge=1, description="in flight per model")
-    max_queue: int = Field(default=64, ge=0, description="waiting beyond max_concurrency")
-    queue_timeout: float = Field(default=30.0, gt=0, description="seconds a request may wait")
-    connect_timeout: float | None = Field(default=None, gt=0)
-    read_timeout: float | None = Field(default=None, gt=0)
-    ttl: float | None = Field(default=None, gt=0, description="idle seconds before sleep/stop")
-
-    @field_validator("tags", "aliases", "args", "volumes", "gpus")
-    @classmethod
-    def _no_duplicates(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
-        seen = [v for i, v in enumerate(value) if v in value[:i]]
-        if seen:
-            raise ValueError(f"lists {seen[0]!r} more than once; remove the repeat")
-        return value
-
-    @property
-    def managed(self) -> bool:
-        """True for a model whose container the fleet runs; False for a remote `url`."""
-        return self.url is None
-
-    @property
-    def served_names(self) -> tuple[str, ...]:
-        """Names the upstream server answers to (vLLM's `--served-model-name`)."""
-        if self.served_model_name is not None:
-            return (self.served_model_name,)
-        return (self.name, *self.aliases)
-
-    @property
-    def upstream_model(self) -> str:
-        """The `model` value the upstream server expects in a request body."""
-        return self.served_names[0]
-
-    @property
-    def tensor_parallel_size(self) -> int:
-        return max(1, len(self.gpus))
-
-    @property
-    def urls(self) -> tuple[str, ...]:
-        """A remote model's replica URLs (empty for a managed model)."""
-        if self.url is None:
-            return ()
-        return (self.url,) if isinstance(self.url, str) else self.url
-
-    @property
-    def autoscaled(self) -> bool:
-        return self.max_replicas is not None
-
-    @property
-    def replica_slots(self) -> int:
-        """How many replicas the model may ever have (ports and planner budget)."""
-        return self.max_replicas if self.max_replicas is not None else self.replicas
-
-    @property
-    def initial_replicas(self) -> int:
-        """Replicas started by `fleet up`."""
-        if self.autoscaled:
-            return max(1, self.min_replicas if self.min_replicas is not None else 1)
-        return self.replicas
-
-    def replica_port(self, index: int) -> int:
-        assert self.port is not None
-        return self.port + index
-
-
-class Registry(_Strict):
+class Registry(Strict):
     """The whole registry: host inventory, defaults and models, keyed by name."""
 
     source: str = DEFAULT_REGISTRY_PATH
     host: Host = Host()
     defaults: Defaults = Defaults()
     models: dict[str, ModelSpec] = Field(default_factory=dict)
+    cluster: Cluster | None = None  # None: one Docker host (engine "docker")
+    nodes: dict[str, Node] = Field(default_factory=dict)  # Swarm nodes' inventories
+
+    @property
+    def swarm(self) -> bool:
+        """True when the models run on a Docker Swarm (`[cluster] engine = "swarm"`)."""
+        return self.cluster is not None and self.cluster.engine == "swarm"
 
     def get(self, name_or_alias: str) -> ModelSpec | None:
         """The model whose name or alias is `name_or_alias`, or None."""
@@ -218,6 +89,10 @@ class Registry(_Strict):
         data = {"host": host, "defaults": self.defaults.model_dump(),
                 "models": {n: m.model_dump(exclude={"name"}, exclude_defaults=True)
                            for n, m in self.models.items()}}
+        if self.cluster is not None:
+            data["cluster"] = self.cluster.model_dump()
+        if self.nodes:
+            data["nodes"] = {n: node.model_dump() for n, node in self.nodes.items()}
         return build_registry(data, source=f"{self.source} (with host overrides)")
 
     # Resolved values: a model's own setting, else the registry default.
@@ -354,7 +229,7 @@ def parse_registry(text: str, source: str = DEFAULT_REGISTRY_PATH, fmt: str = "t
     return build_registry(data, source=source)
 
 
-_TOP_KEYS = ("host", "defaults", "models")
+_TOP_KEYS = ("host", "defaults", "models", "cluster", "nodes")
 
 
 def build_registry(data: Mapping[str, Any], source: str = DEFAULT_REGISTRY_PATH) -> Registry:
@@ -367,6 +242,8 @@ def build_registry(data: Mapping[str, Any], source: str = DEFAULT_REGISTRY_PATH)
 
     host = validate_section(Host, data.get("host", {}), "[host]", problems)
     defaults = validate_section(Defaults, data.get("defaults", {}), "[defaults]", problems)
+
+    cluster, nodes = cluster_tables(data, problems)
 
     raw_models = data.get("models", {})
     models: dict[str, ModelSpec] = {}
@@ -393,7 +270,10 @@ def build_registry(data: Mapping[str, Any], source: str = DEFAULT_REGISTRY_PATH)
 
     if host is not None and defaults is not None:
         problems.extend(cross_checks(models, host, defaults))
+    if "cluster" not in data or cluster is not None:
+        problems.extend(cluster_problems(cluster, nodes, models))
     if problems:
         raise RegistryError(source, problems)
     assert host is not None and defaults is not None
-    return Registry(source=source, host=host, defaults=defaults, models=models)
+    return Registry(source=source, host=host, defaults=defaults, models=models,
+                    cluster=cluster, nodes=nodes)

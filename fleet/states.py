@@ -121,6 +121,7 @@ class ViolationKind(StrEnum):
     CPU_OVERSUBSCRIBED = "cpu-oversubscribed"
     UNKNOWN_MODEL = "unknown-model"
     REMOTE_MODEL = "remote-model"
+    UNKNOWN_NODE = "unknown-node"  # on a Swarm: no node can run the model
     BUSY = "busy"                  # the models in the way serve requests (no force)
     NOT_EVICTABLE = "not-evictable"  # the models in the way are pinned, or not allowed
     SPEC = "spec"                  # the model cannot be turned into a container

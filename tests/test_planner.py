@@ -15,9 +15,9 @@ from fleet.placement import (
     gateway_cpuset,
 )
 from fleet.planner import ObservedModel, SwitchPlan, describe_plan, plan_switch
+from fleet.registry import ModelSpec, load_registry, parse_registry
 from fleet.spec import fleet_specs, replica_specs
 from fleet.states import model_state
-from fleet.registry import ModelSpec, load_registry, parse_registry
 
 pytestmark = pytest.mark.unit
 
