@@ -226,7 +226,10 @@ class DockerEngine:
     def list_managed(self, labels: Mapping[str, str] | None = None) -> list[ContainerRecord]:
         wanted = [f"{LABEL_MANAGED}=true", *(f"{k}={v}" for k, v in (labels or {}).items())]
         with self._mapped("list containers"):
-            containers = self.client.containers.list(all=True, filters={"label": wanted})
+            # A container removed between the listing and its inspection (another fleet
+            # process, compose) is gone, not an error.
+            containers = self.client.containers.list(all=True, filters={"label": wanted},
+                                                     ignore_removed=True)
             return [record_from_attrs(c.attrs) for c in containers]
 
     def inspect(self, container: str) -> ContainerRecord | None:
