@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from fleet.planner import check_placement
+from fleet.placement import check_placement
 from fleet.registry import Registry
 from gateway import errors
 from gateway.activation import Activator
@@ -79,9 +79,8 @@ def policies(registry: Registry, settings: GatewaySettings, shared: bool) -> lis
             name, shared=shared and spec.managed, max_concurrency=spec.max_concurrency,
             max_queue=spec.max_queue, queue_timeout=spec.queue_timeout,
             switch_timeout=settings.activation_timeout,
-            priority=float(getattr(spec, "priority", 1.0)),
-            pinned=bool(getattr(spec, "pinned", False)),
-            quantum=getattr(spec, "quantum", None), ttl=spec.ttl if spec.managed else None,
+            priority=spec.priority, pinned=spec.pinned, quantum=spec.quantum,
+            ttl=spec.ttl if spec.managed else None,
             evicts_to=Residency.ASLEEP if spec.sleep_mode else Residency.STOPPED))
     return out
 
