@@ -311,6 +311,10 @@ class SchedulerCore:
         ready = True
         for e in evict:
             if e.in_flight == 0 and (not e.queue or e.state is Residency.DRAINING):
+                until = self._lingers(e, x, now)
+                if until is not None:  # its clients may be about to send again
+                    ready = False
+                    self._wake_at(until)
                 continue  # idle, or drained: ready to go
             ready = False  # it has work: in flight, or queued requests it would serve
             if self.config.policy == "drain-wait" or e.state is Residency.DRAINING:
@@ -345,6 +349,17 @@ class SchedulerCore:
                              "result": "running"})
         del self.history[:-20]
         out.append(StartSwitch(x.policy.name, tuple(e.policy.name for e in evict), kind, reason))
+
+    def _lingers(self, e: _Model, x: _Model, now: float) -> float | None:
+        """Until when an idle awake `e` keeps the resource for `x`: an answer ended less than
+        `idle_grace` ago and its quantum is not over (a client sending back to back leaves a
+        gap of its round trip between an answer and its next request: not idleness)."""
+        grace = self.config.idle_grace
+        if self.config.policy != "fair" or grace <= 0 or e.state is not Residency.AWAKE \
+                or e.last_done <= e.resident_since:
+            return None
+        until = min(e.last_done + grace, e.resident_since + self.quantum(e, x))
+        return until if now < until else None
 
     def quantum(self, holder: _Model, waiting: _Model) -> float:
         """How long `holder` may keep the resource while `waiting` waits."""

@@ -34,6 +34,9 @@ class SchedulerConfig:
     policy: Policy = "fair"
     quantum_floor: float = 5.0
     switch_share: float = 0.2
+    # An idle model within its quantum keeps the resource this long after its last answer
+    # (back-to-back clients leave a gap of their round trip between answers and requests).
+    idle_grace: float = 0.5
 
 
 @dataclass
