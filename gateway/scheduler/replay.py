@@ -281,23 +281,81 @@ class _World:
 
 def oracle_bound(requests: Sequence[SimRequest], models: Sequence[SimModel], budget: int,
                  awake: Iterable[str] = ()) -> float:
-    """A lower bound of the time to finish every request of an open-loop trace: each model's
-    requests need their service time (divided over its concurrency) after the model is up,
-    the models that cannot all be up together need at least one bring-up each, and nothing
-    finishes before the last request arrived plus its service."""
+    """A lower bound of the time (from 0, when `awake` hold the resource) by which every
+    request of an open-loop trace can have been answered, whatever the policy, even one that
+    knows the whole trace in advance.
+
+    Take any time t (0 or an arrival). The requests arriving at t or later cannot start before
+    t, and after t they still need:
+    - service: a model is up for at least its requests' total service time divided over its
+      concurrency, and for at least its longest request;
+    - bring-ups: of the k distinct models they ask for, at most `cap` hold the resource at t
+      (the most of them that fit the budget together), so k - cap of them need a bring-up
+      each (at t = 0, every one not in `awake`) (the cheapest: a wake for a sleep-mode model, else a
+      load), one at a time (the fleet switches one model at a time). At t = 0 with one model
+      at a time, each bring-up also evicts the model before it; later the evictions may have
+      happened before t, so they are not counted.
+    With room for one model at a time (cap 1), service and bring-ups cannot overlap: the bound
+    at t is t + total service + bring-ups; with room for several, t + the largest of (total
+    service / cap, the longest model's service (at t = 0 after its bring-up), the
+    bring-ups). The result is the largest over every t, and at least each request's arrival
+    plus its service. Work left over from requests that arrived before t is ignored, which
+    keeps each term a lower bound.
+    """
     specs = {m.name: m for m in models}
-    up = set(awake)
     if not requests:
         return 0.0
-    last = max(r.at + r.service for r in requests)
-    by_model: dict[str, float] = {}
-    for r in requests:
-        by_model[r.model] = by_model.get(r.model, 0.0) + r.service
-    first = min(r.at for r in requests)
-    needed = [n for n in by_model if n not in up]
-    switching = sum(specs[n].load for n in needed)
-    total = sum(by_model[n] / (specs[n].max_concurrency or 1_000_000) for n in by_model)
-    if sum(specs[n].size for n in by_model) <= budget:
-        # all fit at once: bring-ups overlap nothing in this bound, service runs in parallel
-        return max(last, first + max((specs[n].load if n in needed else 0.0) for n in by_model))
-    return max(last, first + switching + total)
+    ordered = sorted(requests, key=lambda r: r.at)
+    best = max(r.at + r.service for r in ordered)
+    up = {n for n in awake if n in specs}
+
+    def bring_up(name: str, first: bool) -> float:
+        spec = specs[name]
+        cost = spec.wake if spec.sleep_mode and not first else spec.load
+        return cost
+
+    def capacity(names: Iterable[str]) -> int:
+        used, count = 0, 0
+        for size in sorted(specs[n].size for n in names):
+            used += size
+            if used > budget:
+                break
+            count += 1
+        return max(1, count)
+
+    # suffix sums, walking the trace backwards: per model (total service, longest)
+    work: dict[str, float] = {}
+    longest: dict[str, float] = {}
+    starts = sorted({0.0, *(r.at for r in ordered)}, reverse=True)
+    i = len(ordered) - 1
+    for t in starts:
+        while i >= 0 and ordered[i].at >= t:
+            r = ordered[i]
+            if r.model in specs:
+                work[r.model] = work.get(r.model, 0.0) + r.service
+                longest[r.model] = max(longest.get(r.model, 0.0), r.service)
+            i -= 1
+        if not work:
+            continue
+        names = list(work)
+        per_model = {n: max(work[n] / (specs[n].max_concurrency or 1_000_000), longest[n])
+                     for n in names}
+        cap = capacity(names)
+        if t == 0.0:
+            cold = [n for n in names if n not in up]
+            ups = sum(bring_up(n, True) for n in cold)
+            if cap == 1 and up and cold:  # each bring-up evicts the model before it
+                ups += len(cold) * min(specs[n].evict for n in specs)
+        else:
+            costs = sorted(bring_up(n, False) for n in names)
+            ups = sum(costs[:max(0, len(names) - cap)])
+        service = sum(per_model.values())
+        if cap == 1:
+            best = max(best, t + service + ups)
+        else:
+            own = max(per_model.values())
+            if t == 0.0:  # a model not awake at 0 is brought up before it serves
+                own = max([own, *(bring_up(n, True) + per_model[n] for n in names
+                                   if n not in up)])
+            best = max(best, t + max(service / cap, own, ups))
+    return best
