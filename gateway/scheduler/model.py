@@ -36,7 +36,10 @@ class SchedulerConfig:
     switch_share: float = 0.2
     # An idle model within its quantum keeps the resource this long after its last answer
     # (back-to-back clients leave a gap of their round trip between answers and requests).
-    idle_grace: float = 0.5
+    # Longer covers slower clients but lets a trickle of requests keep the resource for the
+    # whole quantum while a rival waits (replay benchmark, 20 seeds, median makespan / oracle:
+    # 0 s 1.10 alternating, 1.08 bursts; 0.25 s 1.12, 1.09; 0.5 s 1.14, 1.10).
+    idle_grace: float = 0.25
 
 
 @dataclass

@@ -106,7 +106,7 @@ class InvariantBroken(AssertionError):
 
 def replay(models: Sequence[SimModel], budget: int, requests: Iterable[SimRequest] = (),
            loops: Iterable[ClosedLoop] = (), *, policy: str = "fair",
-           quantum_floor: float = 5.0, switch_share: float = 0.2,
+           quantum_floor: float = 5.0, switch_share: float = 0.2, idle_grace: float = 0.25,
            queue_timeout: float = 600.0, switch_timeout: float = 600.0,
            awake: Iterable[str] = (), horizon: float = 3600.0, strict: bool = True) -> Replay:
     """Run the world until every request ended (or `horizon`). `strict`: raise
@@ -128,7 +128,8 @@ def replay(models: Sequence[SimModel], budget: int, requests: Iterable[SimReques
          for m in models],
         fits, now=0.0, config=SchedulerConfig(policy=policy,  # type: ignore[arg-type]
                                               quantum_floor=quantum_floor,
-                                              switch_share=switch_share),
+                                              switch_share=switch_share,
+                                              idle_grace=idle_grace),
         costs=costs,
         states={n: (Residency.AWAKE if n in up else Residency.STOPPED) for n in specs})
     world = _World(core, specs, budget, up, strict)
