@@ -314,7 +314,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=10,
                    help="sim mode: seeds per trace (default 10); gateway mode uses seed 0")
     p.add_argument("--duration", type=float, default=None,
-                   help="seconds of arrivals per trace (default: 40 in sim, 30 in gateway)")
+                   help="seconds of arrivals per trace (default 40)")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="write a timeline plot (who holds the resource, queue lengths) of "
                         "seed 0 of each trace and policy (needs matplotlib: pip install "
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sim: {len(runs)} runs in {time.monotonic() - started:.1f} s", file=sys.stderr)
     if args.mode in ("gateway", "both"):
         from benchmarks.replay_gateway import run_gateway_all
-        runs += run_gateway_all(traces, policies, args.duration or 30.0)
+        runs += run_gateway_all(traces, policies, args.duration or 40.0)
     summaries = [summarize(r) for r in runs]
     if args.plot:
         try:

@@ -192,7 +192,9 @@ def max_tokens(service: float) -> int:
 
 
 async def run_gateway(trace: Trace, policy: str) -> Run:
-    """`trace` through the gateway with `policy` (GATEWAY_SCHEDULER)."""
+    """`trace` through the gateway with `policy` (GATEWAY_SCHEDULER): every request's
+    outcome, the fleet's switches, and every 0.1 s who held the core and how many requests
+    of each model waited for their first byte."""
     names = [m.name for m in trace.models]
     ports = {n: free_port() for n in names}
     holder: list[TimeShareFleet] = []
@@ -263,9 +265,14 @@ async def run_gateway(trace: Trace, policy: str) -> Run:
                     await one(model, service)
 
             async def sample() -> None:
+                # waiting = sent and no first byte yet, seen from the clients: the same
+                # figure under both policies (drain-wait's requests wait for an activation
+                # outside its queue)
                 while True:
-                    queues = {n: int(getattr(runtime.state.admission.get(n), "waiting", 0))
-                              for n in names}
+                    queues = dict.fromkeys(names, 0)
+                    for r in requests:
+                        if r["status"] == 0 and r["ttfb"] is None:
+                            queues[str(r["model"])] += 1
                     samples.append((rel(), sorted(fleet.holders()), queues))
                     await asyncio.sleep(0.1)
 
@@ -309,6 +316,8 @@ async def run_gateway(trace: Trace, policy: str) -> Run:
 
 def run_gateway_all(traces: Sequence[str], policies: Sequence[str], duration: float) -> list[Run]:
     """Every trace (seed 0) under every policy, one after the other."""
+    # SIGTERM as Ctrl-C: the runs' `finally` stops the simulator processes they started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     runs = []
     for name in traces:
         trace = make_trace(name, 0, duration)

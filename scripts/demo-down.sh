@@ -10,4 +10,8 @@ if [[ -f "$STATE/gateway.pid" ]]; then
     rm -f "$STATE/gateway.pid"
     say "gateway stopped"
 fi
+if [[ -f "$STATE/gateway-one-core.pid" ]]; then  # left by an interrupted demo
+    kill "$(cat "$STATE/gateway-one-core.pid")" 2>/dev/null || true
+    rm -f "$STATE/gateway-one-core.pid"
+fi
 "${PY:-$REPO_ROOT/.venv/bin/python}" -m fleet --registry "${DEMO_REGISTRY:-models.cpu.toml}" down

@@ -68,6 +68,33 @@ print(f"  tiny-a answered {r.choices[0].message.content!r} after the gateway wok
 PYEOF
 step_done
 
+step_begin "one-core budget through the gateway: a client per model at once"
+# A second gateway on port PORT+1 whose registry keeps one core for models: tiny-a and tiny-b
+# cannot be awake together, so its scheduler makes them take turns (the holder drains after
+# its quantum, the other is brought up). tiny-a holds the core first; each answer is printed
+# with how long it waited.
+ONE="$STATE/models.one-core.toml"
+awk -v dir="$(cd "$(dirname "$REG")" && pwd)" '
+    /^\[/ { section = $1 }
+    section == "[host]" && /^cpus *=/ { print "cpus = 1"; next }
+    /^models_dir *= *"[^\/]/ { sub(/"(\.\/)?/, "\"" dir "/") }
+    { print }' "$REG" >"$ONE"
+fleet --host-cpus 1 switch tiny-a || die "switch to tiny-a failed"
+PORT1=$((PORT + 1))
+GATEWAY_SCHEDULER=fair nohup "$PY" -m gateway --registry "$ONE" --port "$PORT1" \
+    >"$STATE/gateway-one-core.log" 2>&1 &
+echo $! >"$STATE/gateway-one-core.pid"
+for _ in $(seq 100); do
+    curl -fsS "http://127.0.0.1:$PORT1/health" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+rc=0
+"$PY" scripts/demo_timeshare.py "http://127.0.0.1:$PORT1" tiny-a tiny-b --seconds 15 || rc=$?
+kill "$(cat "$STATE/gateway-one-core.pid")" 2>/dev/null || true
+rm -f "$STATE/gateway-one-core.pid"
+[[ $rc == 0 ]] || die "a request through the one-core gateway was not answered; see $STATE/gateway-one-core.log"
+step_done
+
 step_begin "fleet up: back to the registry's placement (both models, one core each)"
 # The one-core switch pinned tiny-b to core 0; under the registry's two cores it belongs on
 # core 1, so `fleet up` recreates it there (status would show it as drifted until then).
