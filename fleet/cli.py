@@ -38,6 +38,7 @@ from fleet.lock import LockTimeout
 from fleet.registry import Registry, RegistryError, load_registry, registry_path
 from fleet.report import FleetError, ModelStatus, Report
 from fleet.spec import SpecError
+from fleet.version import version
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleet", description="Run the registry's vLLM models as Docker containers.",
         parents=[_global_options(None)])
+    parser.add_argument("--version", action="version", version=f"fleet (vllm-fleet) {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("up", parents=[common, json_opt],
@@ -128,7 +130,37 @@ def build_parser() -> argparse.ArgumentParser:
                             help="what `fleet switch MODEL` would do now")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--force", action="store_true")
+    _describe(sub, "fleet")
+    _describe(plan_sub, "fleet plan")
     return parser
+
+
+# One example per command, shown by `fleet COMMAND --help` under the command's description.
+_EXAMPLES = {
+    "up": "fleet up                # the autostart models\nfleet up qwen-7b --json",
+    "down": "fleet down qwen-7b\nfleet down              # every container of this fleet",
+    "switch": "fleet switch qwen-32b\nfleet switch qwen-32b --dry-run",
+    "sleep": "fleet sleep qwen-7b",
+    "wake": "fleet wake qwen-7b",
+    "scale": "fleet scale qwen-7b 2",
+    "status": "fleet status\nfleet status --json --gateway http://127.0.0.1:8000",
+    "logs": "fleet logs qwen-7b --follow --tail 50",
+    "check": "fleet check --registry models.cpu.toml --host-cpus 2",
+    "compose": "fleet compose\nfleet compose --check",
+    "plan": "fleet plan switch qwen-32b",
+}
+
+
+def _describe(subparsers: Any, prefix: str) -> None:
+    """Give each subcommand's own --help its description (the one-line help) and an example."""
+    helps = {a.dest: a.help for a in subparsers._choices_actions}
+    for name, sub in subparsers.choices.items():
+        text = helps.get(name) or ""
+        sub.description = sub.description or (text[:1].upper() + text[1:]) or None
+        example = _EXAMPLES.get(name) if prefix == "fleet" else f"{prefix} {name} qwen-32b"
+        if example and sub.epilog is None:
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            sub.epilog = "example:\n  " + example.replace("\n", "\n  ")
 
 
 # ---------------------------------------------------------------------------------------

@@ -81,9 +81,11 @@ class Activator:
                     await asyncio.sleep(self.drain_poll)  # let the models in the way drain
                     continue
                 log.warning("activation of %s failed: %s", model, reason)
-                raise errors.GatewayError(
-                    503, f"Model `{model}` is not awake and could not be activated within "
-                         f"{self.timeout:g} s: {reason}", retry_after=self.retry_after) from None
+                kind = ("the models in its way are busy" if busy else
+                        "the fleet's planner refused it" if getattr(exc, "violations", None)
+                        else None)
+                raise errors.activation_failed(model, self.timeout, reason, self.retry_after,
+                                               kind) from None
 
     async def put_to_sleep(self, model: str) -> None:
         await anyio.to_thread.run_sync(lambda: self.fleet.sleep(model))

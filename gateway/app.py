@@ -662,7 +662,8 @@ def _rejected(request: Request, status: int) -> None:
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.GatewayError)
     _rejected(request, exc.status)
-    return exc.response({"x-request-id": _request_id(request)})
+    request_id = _request_id(request)
+    return exc.for_request(request_id).response({"x-request-id": request_id})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -125,7 +125,14 @@ class Access:
             if not presented:
                 return _unauthorized("The admin endpoints need the admin key: send "
                                      "`Authorization: Bearer <admin key>`.")
-            return self.admin.match(presented) or _unauthorized("The admin key is not valid.")
+            admin = self.admin.match(presented)
+            if admin is not None:
+                return admin
+            if self.api.match(presented) is not None:  # who it is is known: not allowed
+                return errors.GatewayError(
+                    403, "This API key may not use the admin endpoints; they need the admin "
+                         "key (GATEWAY_ADMIN_KEY).")
+            return _unauthorized("The admin key is not valid.")
         if self.open:
             return None
         if not presented:

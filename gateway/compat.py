@@ -84,14 +84,12 @@ def answer(status: int, content: bytes, model_id: str, model: str) -> tuple[int,
             result = {"text": choice["text"], "model_id": model_id,
                       "finish_reason": choice.get("finish_reason")}
         except (TypeError, KeyError, IndexError):
-            raise errors.GatewayError(502, f"Model `{model}` answered 200 with a body that is "
-                                           f"not a completion.") from None
+            raise errors.upstream_bad_answer(model, 200, "not a completion: " +
+                                             content[:200].decode("utf-8", "replace")) from None
         return 200, json.dumps(result, ensure_ascii=False).encode()
     if isinstance(data, dict) and "error" in data:
         return status, content  # vLLM's error, unchanged
-    snippet = content[:200].decode("utf-8", "replace")
-    raise errors.GatewayError(status if status >= 400 else 502,
-                              f"Model `{model}` answered {status}: {snippet}")
+    raise errors.upstream_bad_answer(model, status, content[:200].decode("utf-8", "replace"))
 
 
 async def infer(gw: Gateway, request: Request) -> Response:
@@ -110,8 +108,8 @@ async def infer(gw: Gateway, request: Request) -> Response:
     try:
         status, content = await _collect(response, inner)
     except UpstreamBroken as exc:
-        raise errors.GatewayError(502, f"The answer of model `{route.model}` broke off "
-                                       f"({exc}); retry the request.") from None
+        raise errors.GatewayError(502, f"The answer of model `{route.model}` broke off; retry "
+                                       f"the request.", internal=str(exc)) from None
     status, out = answer(status, content, model_id, route.model)
     return Response(out, status_code=status, media_type="application/json",
                     headers={"x-request-id": getattr(request.state, "request_id", "-")})

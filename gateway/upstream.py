@@ -82,19 +82,26 @@ class Upstreams:
             await client.aclose()
 
 
-def map_failure(exc: httpx.HTTPError, model: str, url: str,
-                settings: GatewaySettings) -> errors.GatewayError:
-    """The client-facing error for a failure before any upstream response byte arrived."""
+def map_failure(exc: httpx.HTTPError, model: str, url: str, settings: GatewaySettings,
+                timeout: httpx.Timeout | None = None) -> errors.GatewayError:
+    """The client-facing error for a failure before any upstream response byte arrived.
+    `timeout`: the model's own timeouts (registry), when it has them; the message states the
+    limit that applied. `url` and the client library's text go to the log only."""
+    own = timeout is not None
+    connect = (timeout.connect if timeout is not None else None) or settings.connect_timeout
+    read = (timeout.read if timeout is not None else None) or settings.read_timeout
     if isinstance(exc, httpx.ConnectTimeout):
-        return errors.upstream_not_ready(model, url, f"no connection within "
-                                         f"{settings.connect_timeout:g} s", settings.retry_after)
+        return errors.upstream_not_ready(model, url, f"no connection within {connect:g} s",
+                                         settings.retry_after)
     if isinstance(exc, httpx.PoolTimeout):
         return errors.upstream_not_ready(model, url, "all connections to it are busy",
                                          settings.retry_after)
     if isinstance(exc, httpx.ReadTimeout):
-        return errors.upstream_timeout(model, url, settings.read_timeout)
+        return errors.upstream_timeout(model, url, read, f"`read_timeout` of `{model}` in the "
+                                       f"registry" if own else "GATEWAY_READ_TIMEOUT")
     if isinstance(exc, httpx.WriteTimeout):
-        return errors.upstream_timeout(model, url, settings.write_timeout)
+        return errors.upstream_timeout(model, url, settings.write_timeout,
+                                       "GATEWAY_WRITE_TIMEOUT")
     if isinstance(exc, httpx.TimeoutException):
         return errors.upstream_timeout(model, url, None)
     detail = "connection refused" if isinstance(exc, httpx.ConnectError) else (

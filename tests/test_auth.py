@@ -227,8 +227,11 @@ async def test_models_listing_shows_only_allowed_models(gw) -> None:
 
 async def test_admin_key_and_api_keys_are_separate(gw) -> None:
     client, _ = gw
-    err = error_of(await client.get("/admin/status", headers=bearer("sk-full")), 401)
+    # A valid API key is known but not allowed: 403 (a 401 would say "log in again").
+    err = error_of(await client.get("/admin/status", headers=bearer("sk-full")), 403)
     assert "admin key" in err["message"]
+    err = error_of(await client.get("/admin/status", headers=bearer("sk-nobody")), 401)
+    assert "not valid" in err["message"]
     error_of(await client.get("/admin/status"), 401)
     assert (await client.get("/admin/status", headers=bearer("sk-admin"))).status_code == 200
     assert (await client.get("/health")).status_code == 200
@@ -238,7 +241,7 @@ async def test_admin_key_and_api_keys_are_separate(gw) -> None:
 async def test_metrics_behind_the_admin_key_when_not_public(tmp_path: Path) -> None:
     async for client, _ in client_for(settings(tmp_path, metrics_public=False)):
         error_of(await client.get("/metrics"), 401)
-        error_of(await client.get("/metrics", headers=bearer("sk-full")), 401)
+        error_of(await client.get("/metrics", headers=bearer("sk-full")), 403)
         assert (await client.get("/metrics", headers=bearer("sk-admin"))).status_code == 200
 
 
