@@ -40,6 +40,10 @@ log = logging.getLogger("gateway.server")
 # Descriptors kept for everything but client connections: the upstream pools, the log, the
 # registry file, the event loop's own.
 _RESERVED_FDS = 64
+# A refused head's connection reads and drops this much more, for at most this long, before
+# it closes (see GuardedHttpTools._refuse_head).
+_LINGER_BYTES = 4 * 1024 * 1024
+_LINGER_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False
         self._refused = False
+        self._lingering = False
 
     # -- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -137,12 +142,17 @@ class GuardedHttpTools(HttpToolsProtocol):
         if budget is not None:
             budget -= len(data)
             self._head_budget = budget
-            if budget < 0 and not _head_ends_within(data, len(data) + budget):
-                self._refuse_head(431, "The request line and headers exceed the gateway's "
-                                       f"limit of {self.guard.limits.max_header_bytes} bytes "
-                                       f"({env_name('max_header_bytes')}). Send fewer or "
-                                       f"smaller headers.")
-                return
+            if budget < 0:
+                if self._lingering:  # refused: what else arrives is read and dropped
+                    if budget < -_LINGER_BYTES:
+                        self.transport.close()
+                    return
+                if not _head_ends_within(data, len(data) + budget):
+                    self._refuse_head(431, "The request line and headers exceed the gateway's "
+                                           f"limit of {self.guard.limits.max_header_bytes} "
+                                           f"bytes ({env_name('max_header_bytes')}). Send "
+                                           f"fewer or smaller headers.")
+                    return
         super().data_received(data)
 
     def on_message_begin(self) -> None:
@@ -193,12 +203,21 @@ class GuardedHttpTools(HttpToolsProtocol):
             self._head_timer = None
 
     def _refuse_head(self, status: int, message: str) -> None:
-        self._head_budget = None
+        """Answer and close. The close lingers (up to _LINGER_SECONDS or _LINGER_BYTES
+        more): closing a socket with unread input sends a reset, which can destroy the
+        answer before a client still sending its head has read it."""
         self._cancel_head_timer()
+        self.guard.idle.pop(self, None)
         log.info("refused a request head from %s: %s", _peer(self.client), message)
-        if not self.transport.is_closing():
-            self.transport.write(_response(status, message))
-            self.transport.close()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(_response(status, message))
+        self._lingering = True
+        self._head_budget = 0
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(_LINGER_SECONDS, transport.close)
 
 
 def _head_ends_within(data: bytes, allowed: int) -> bool:

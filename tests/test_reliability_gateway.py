@@ -6,7 +6,16 @@
   aborted, and the gateway's file descriptors and RSS come back to their baseline;
 - a client that stops reading a long stream: fast clients are served at normal speed, flow
   control reaches the upstream (its generation stalls) so the gateway does not buffer, and
-  the stalled stream's upstream is aborted when that client goes away.
+  the stalled stream's upstream is aborted when that client goes away;
+- limits on the way in: an oversized request head (one 32 MB header, or a huge request
+  line) is 431 at once and costs next to no CPU, is never forwarded, and /health stays fast;
+  too many header fields is 431; connections that send nothing or half a head are closed
+  after the header timeout; beyond the connection cap the oldest idle connection makes room,
+  and when none is idle a new one gets 503 with Retry-After;
+- errors that say what the caller needs: an upstream that answers garbage or refuses gives
+  an error naming the model and the request id, without the upstream's address or bytes
+  (those are in the gateway's log under that id); a model's own read_timeout is the one the
+  504 states; a client that leaves mid-upload is neither an ERROR nor a 500.
 
 Every wait is a poll with a deadline; the gauges measured are printed (`pytest -s`).
 """
@@ -25,7 +34,8 @@ import openai
 import pytest
 
 from support.reliability import (
-    metric, open_fds, registry_for, rss_kib, sim_requests, wait_for,
+    cpu_seconds, health_seconds, judge, metric, open_fds, parse_response, process_output,
+    raw_exchange, read_until_closed, registry_for, rss_kib, sim_requests, wait_for,
 )
 
 pytestmark = pytest.mark.gateway
@@ -236,3 +246,155 @@ def test_slow_reader_does_not_block_others_nor_grow_gateway_memory(
     print(f"upstream aborted {(time.monotonic() - closed) * 1000:.0f} ms after the slow client left")
     assert rec["outcome"] == "aborted" and rec["abort_reason"] == "client_disconnect", rec
     assert sim_requests(sim.base_url)["running"] == 0
+
+
+# -- limits on the way in ---------------------------------------------------------------------------
+HEAD_FLOOD = 32 * 1024 * 1024  # before the limit: seconds of CPU, and forwarded upstream
+
+
+def _chat(model: str, extra_head: bytes = b"") -> bytes:
+    body = b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"max_tokens":2}' % (
+        model.encode())
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json"
+            b"\r\ncontent-length: %d\r\n" % len(body)) + extra_head + b"\r\n" + body
+
+
+def _send_head_flood(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `request` (a head of many MB) and read the answer the gateway makes meanwhile."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused part-way: the answer is already in the socket
+        data, _ = read_until_closed(sock, 20)
+    return parse_response(data)
+
+
+def test_oversized_heads_are_431_cheaply_never_forwarded_and_health_stays_fast(
+        sim_factory, gateway_factory) -> None:
+    sim = sim_factory(served_names=("s",))
+    gw = gateway_factory(registry_for(s=sim))
+    pid = gw.process.pid
+    before = len(sim_requests(sim.base_url)["requests"])
+    cases = {
+        "one 32 MB header on a chat request": _chat("s", b"x-big: " + b"h" * HEAD_FLOOD
+                                                    + b"\r\n"),
+        "a 32 MB header without a key": b"GET /v1/models HTTP/1.1\r\nhost: gw\r\nx-big: "
+                                        + b"h" * HEAD_FLOOD + b"\r\n\r\n",
+        "a 1 MB request line": b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\nhost: gw\r\n\r\n",
+        "70 KB in 1000 headers": _chat("s", b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 64)
+                                                    for i in range(1000))),
+    }
+    for what, request in cases.items():
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        status, headers, body = _send_head_flood(gw.port, request)
+        took, cpu = time.monotonic() - t0, cpu_seconds(pid) - cpu0
+        health = health_seconds(gw.base_url)
+        print(f"\n{what}: {status} in {took * 1000:.0f} ms, gateway CPU {cpu * 1000:.0f} ms, "
+              f"/health then {health * 1000:.0f} ms")
+        assert status == 431, (what, status, body[:300])
+        assert judge(status, headers, body) is None, body
+        assert b"GATEWAY_MAX_HEADER_BYTES" in body
+        assert cpu < 0.5, f"{what}: {cpu:.2f} CPU s"
+        assert health < 1.0
+    assert len(sim_requests(sim.base_url)["requests"]) == before, "a flooded head was forwarded"
+    # A head at the limit's edge is still served.
+    ok = raw_exchange(gw.port, _chat("s", b"connection: close\r\nx-pad: " + b"p" * 60_000
+                                     + b"\r\n"))
+    assert ok[0] == 200, ok
+
+
+def test_too_many_header_fields_is_431(sim_factory, gateway_factory) -> None:
+    sim = sim_factory(served_names=("s",))
+    gw = gateway_factory(registry_for(s=sim), extra_env={"GATEWAY_MAX_HEADER_COUNT": "20"})
+    fields = b"".join(b"x-h%d: v\r\n" % i for i in range(30))
+    status, headers, body = raw_exchange(gw.port, _chat("s", fields))
+    assert status == 431 and judge(status, headers, body) is None, body
+    assert b"33 header fields" in body and b"GATEWAY_MAX_HEADER_COUNT" in body  # 30 + 3
+    fields = b"".join(b"x-h%d: v\r\n" % i for i in range(10))
+    assert raw_exchange(gw.port, _chat("s", b"connection: close\r\n" + fields))[0] == 200
+
+
+def test_silent_and_half_head_connections_are_closed_after_the_header_timeout(
+        gateway_factory) -> None:
+    gw = gateway_factory('[models.a]\nurl = "http://127.0.0.1:9"\n',
+                         extra_env={"GATEWAY_HEADER_TIMEOUT": "1"})
+    pid = gw.process.pid
+    base_fds = open_fds(pid)
+    silent = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(20)]
+    half = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(20)]
+    for sock in half:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-slow: ")
+    try:
+        wait_for(lambda: open_fds(pid), 5, "the gateway holds the 40 connections",
+                 ok=lambda n: n >= base_fds + 40)
+        for sock in half:
+            data, took = read_until_closed(sock, 5)  # 1 s, generous for a loaded machine
+            status, headers, body = parse_response(data)
+            assert status == 408 and judge(status, headers, body) is None, data[:300]
+            assert b"GATEWAY_HEADER_TIMEOUT" in body
+        for sock in silent:
+            data, took = read_until_closed(sock, 5)
+            assert data == b"", data[:300]  # nothing was asked: closed without a word
+        wait_for(lambda: open_fds(pid), 5, "gateway fds back to baseline",
+                 ok=lambda n: n <= base_fds + FD_TOLERANCE)
+        assert health_seconds(gw.base_url) < 1.0
+    finally:
+        for sock in silent + half:
+            sock.close()
+
+
+def test_connection_cap_closes_idle_connections_first_then_answers_503(
+        gateway_factory) -> None:
+    cap = 40
+    gw = gateway_factory('[models.a]\nurl = "http://127.0.0.1:9"\n',
+                         extra_env={"GATEWAY_MAX_CLIENT_CONNECTIONS": str(cap)})
+    pid = gw.process.pid
+    base_fds = open_fds(pid)
+    idle = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(3 * cap)]
+    try:
+        # Each new connection beyond the cap closes the oldest idle one: /health is served.
+        assert health_seconds(gw.base_url) < 1.0
+        assert open_fds(pid) <= base_fds + cap + FD_TOLERANCE
+        closed = sum(1 for sock in idle[:2 * cap] if _closed(sock))
+        assert closed >= 2 * cap - FD_TOLERANCE, closed
+    finally:
+        for sock in idle:
+            sock.close()
+    # Requests in progress (here: bodies still to come) are never closed to make room.
+    busy = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(cap)]
+    try:
+        for sock in busy:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
+                         b"content-length: 100\r\n\r\n{")
+        wait_for(lambda: open_fds(pid), 5, "the gateway holds the busy connections",
+                 ok=lambda n: n >= base_fds + cap - FD_TOLERANCE)
+        status, headers, body = raw_exchange(
+            gw.port, b"GET /health HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        assert status == 503 and headers.get("retry-after") == "5", (status, body)
+        assert judge(status, headers, body, own_5xx=True) is None, body
+        assert b"GATEWAY_MAX_CLIENT_CONNECTIONS" in body
+        assert not any(_closed(sock) for sock in busy)
+    finally:
+        for sock in busy:
+            sock.close()
+    wait_for(lambda: _health_status(gw.base_url), 5, "served again once they left",
+             ok=lambda s: s == 200)
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(0.05)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def _health_status(base_url: str) -> int:
+    try:
+        return httpx.get(base_url + "/health", timeout=2).status_code
+    except httpx.HTTPError as exc:
+        print(repr(exc))
+        return 0
