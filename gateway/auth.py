@@ -40,6 +40,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fleet.registry import Registry
 from gateway import errors
 from gateway.settings import GatewaySettings
 
@@ -155,6 +156,15 @@ def authorize(principal: Principal | None, model: str, aliases: Iterable[str]) -
 
 
 # -- loading ------------------------------------------------------------------------------
+
+
+def visible_names(principal: Principal | None, registry: Registry) -> list[str]:
+    """The model names and aliases `principal` may use (all of them when the gateway is open
+    or the key has no allow-list): what an unknown-model error may list to that caller."""
+    if principal is None or principal.models is None:
+        return list(registry.alias_table())
+    return [name for name, spec in registry.alias_table().items()
+            if principal.may_use(spec.name, spec.aliases)]
 
 
 def load_access(settings: GatewaySettings) -> Access:

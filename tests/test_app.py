@@ -221,11 +221,27 @@ async def test_models_listing_and_lookup(gw) -> None:
     mock.get(f"{R}/health").mock(side_effect=httpx.ConnectError("refused"))
     resp = await client.get("/v1/models")
     data = {m["id"]: m for m in resp.json()["data"]}
-    assert resp.json()["object"] == "list" and list(data) == ["a", "r"]
+    # Aliases are entries of their own (model pickers in chat UIs list ids only).
+    assert resp.json()["object"] == "list" and list(data) == ["a", "gpt-4o-mini", "r"]
     assert data["a"]["object"] == "model" and data["a"]["aliases"] == ["gpt-4o-mini"]
     assert (data["a"]["state"], data["r"]["state"]) == ("ready", "unreachable")
+    alias = data["gpt-4o-mini"]
+    assert alias["object"] == "model" and alias["alias_of"] == "a" and alias["state"] == "ready"
+    assert "alias_of" not in data["a"]
     assert (await client.get("/v1/models/gpt-4o-mini")).json()["id"] == "a"
     error_of(await client.get("/v1/models/nope"), 404)
+
+
+async def test_models_listing_without_alias_entries() -> None:
+    app = create_app(REG, GatewaySettings(list_aliases=False))
+    with respx.mock(assert_all_called=False) as mock:
+        mock.get(f"{A}/health").respond(200)
+        mock.get(f"{R}/health").respond(200)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://gw") as client:
+                data = (await client.get("/v1/models")).json()["data"]
+    assert [m["id"] for m in data] == ["a", "r"]
 
 
 async def test_instance_health_through_the_gateway(gw) -> None:

@@ -225,6 +225,20 @@ async def test_models_listing_shows_only_allowed_models(gw) -> None:
     assert [m["id"] for m in listed] == ["a", "b"]
 
 
+async def test_unknown_model_lists_only_the_models_the_key_may_use(gw) -> None:
+    client, _ = gw
+    for method, path, body in (("POST", "/v1/chat/completions", {"model": "nope", **CHAT}),
+                               ("POST", "/nope/v1/chat/completions", CHAT),
+                               ("GET", "/v1/models/nope", None)):
+        resp = await client.request(method, path, json=body, headers=bearer("sk-only-alpha"))
+        message = error_of(resp, 404)["message"]
+        listed = message.split("Valid models and aliases: ")[1].split(".")[0]
+        assert listed == "a, alpha", message  # never `b`, which this key may not use
+        resp = await client.request(method, path, json=body, headers=bearer("sk-full"))
+        listed = error_of(resp, 404)["message"].split("aliases: ")[1].split(".")[0]
+        assert listed == "a, alpha, b"
+
+
 async def test_admin_key_and_api_keys_are_separate(gw) -> None:
     client, _ = gw
     # A valid API key is known but not allowed: 403 (a 401 would say "log in again").

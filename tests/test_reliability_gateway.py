@@ -23,6 +23,7 @@ Every wait is a poll with a deadline; the gauges measured are printed (`pytest -
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import statistics
 import time
@@ -33,9 +34,11 @@ import httpx
 import openai
 import pytest
 
+from support.gateway_fixtures import free_port
 from support.reliability import (
-    cpu_seconds, health_seconds, judge, metric, open_fds, parse_response, process_output,
-    raw_exchange, read_until_closed, registry_for, rss_kib, sim_requests, wait_for,
+    RawUpstream, cpu_seconds, health_seconds, judge, metric, open_fds, parse_response,
+    process_output, raw_exchange, read_until_closed, registry_for, rss_kib, sim_requests,
+    wait_for,
 )
 
 pytestmark = pytest.mark.gateway
@@ -395,6 +398,113 @@ def _closed(sock: socket.socket) -> bool:
 def _health_status(base_url: str) -> int:
     try:
         return httpx.get(base_url + "/health", timeout=2).status_code
-    except httpx.HTTPError as exc:
-        print(repr(exc))
+    except httpx.HTTPError:
         return 0
+
+
+# -- errors that say what the caller needs and no more ---------------------------------------------
+def test_upstream_failures_name_the_model_and_request_id_but_no_address_or_upstream_bytes(
+        gateway_factory) -> None:
+    garbage = b"ZZZZ this is no HTTP \x00\xff secret-internal-detail\r\n\r\n"
+    with RawUpstream(garbage) as bad:
+        closed_port = free_port()
+        gw = gateway_factory(f'[models.bad]\nurl = "{bad.base_url}"\n'
+                             f'[models.gone]\nurl = "http://127.0.0.1:{closed_port}"\n')
+        client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key="x", max_retries=0,
+                               timeout=10)
+        seen = {}
+        for model in ("bad", "gone"):
+            rid = f"rid-{model}-1"
+            with pytest.raises(openai.APIStatusError) as info:
+                client.chat.completions.create(model=model, messages=MSG, max_tokens=2,
+                                               extra_headers={"x-request-id": rid})
+            message = info.value.body["message"]
+            seen[model] = message
+            assert info.value.status_code == 502, message
+            assert f"`{model}`" in message and rid in message, message
+            for leak in ("127.0.0.1", str(bad.port), str(closed_port), "ZZZZ", "secret",
+                         "aiohttp", "Error:", "Errno"):
+                assert leak not in message, (leak, message)
+        out = process_output(gw.process)
+    # The details are in the gateway's log, under the request id.
+    assert re.search(rf"request rid-bad-1: model bad at {bad.base_url}: .*", out), out
+    assert re.search(rf"request rid-gone-1: model gone at http://127.0.0.1:{closed_port}", out)
+    print(f"\ncaller sees: {seen['bad']!r}")
+
+
+def test_a_models_own_read_timeout_is_the_one_the_504_states(sim_factory,
+                                                              gateway_factory) -> None:
+    sim = sim_factory(served_names=("s",), ttft_ms=4000)
+    gw = gateway_factory(registry_for(s=sim) + "read_timeout = 1\n")
+    t0 = time.monotonic()
+    resp = httpx.post(f"{gw.base_url}/v1/chat/completions", timeout=20,
+                      json={"model": "s", "messages": MSG, "max_tokens": 2})
+    took = time.monotonic() - t0
+    message = resp.json()["error"]["message"]
+    assert resp.status_code == 504 and "within 1 s" in message, message
+    assert "600" not in message and "`read_timeout` of `s`" in message, message
+    assert took < 3.5, took
+
+
+def test_a_client_leaving_mid_upload_is_not_an_error_nor_a_500(sim_factory,
+                                                               gateway_factory) -> None:
+    sim = sim_factory(served_names=("s",))
+    gw = gateway_factory(registry_for(s=sim))
+    for _ in range(20):  # enough tracebacks to show, few enough not to fill the pipe
+        with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
+                         b"content-type: application/json\r\ncontent-length: 100000\r\n\r\n"
+                         b'{"model":"s","messages":[')
+            # Closed here: the gateway reads what was sent, then sees the client gone.
+    wait_for(lambda: _rejected(gw.base_url).get("499", 0), 5, "20 aborts counted as 499",
+             ok=lambda n: n == 20)
+    counts = _rejected(gw.base_url)
+    assert "500" not in counts, counts
+    assert httpx.get(f"{gw.base_url}/health", timeout=5).status_code == 200
+    out = process_output(gw.process)
+    assert "Traceback" not in out and "ERROR" not in out, out[-3000:]
+
+
+def _rejected(base_url: str) -> dict[str, int]:
+    text = httpx.get(base_url + "/metrics", timeout=5).text
+    return {m.group(1): int(float(m.group(2))) for m in re.finditer(
+        r'^gateway_rejected_requests_total\{status="(\d+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+def test_request_bytes_buffered_at_once_are_capped_with_503_and_retry_after(
+        sim_factory, gateway_factory) -> None:
+    sim = sim_factory(served_names=("s",))
+    gw = gateway_factory(registry_for(s=sim), extra_env={
+        "GATEWAY_MAX_BUFFERED_BYTES": str(3 << 20), "GATEWAY_MAX_BODY_BYTES": str(2 << 20)})
+    pid = gw.process.pid
+    size = 1500 * 1024
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json"
+            b"\r\ncontent-length: %d\r\n\r\n" % size)
+    prefix = b'{"model":"s","max_tokens":1,"messages":[{"role":"user","content":"'
+    body = prefix + b"x" * (size - len(prefix) - 4) + b'"}]}'
+    holders = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(2)]
+    try:
+        for sock in holders:  # two uploads of 1.5 MB, each missing its last byte
+            sock.sendall(head + body[:-1])
+        base_rss = rss_kib(pid)
+        wait_for(lambda: raw_exchange(gw.port, head.replace(b"host: gw", b"host: gw\r\n"
+                                                            b"connection: close") + body)[0],
+                 10, "a third upload refused while two are held", ok=lambda s: s == 503)
+        status, headers, answer = raw_exchange(
+            gw.port, head.replace(b"host: gw", b"host: gw\r\nconnection: close") + body)
+        assert status == 503 and headers.get("retry-after") == "5", answer
+        assert judge(status, headers, answer, own_5xx=True) is None
+        assert b"GATEWAY_MAX_BUFFERED_BYTES" in answer
+        assert rss_kib(pid) - base_rss < 16 * 1024
+        for sock in holders:  # the held uploads complete and are served
+            sock.sendall(body[-1:])
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            assert data.startswith(b"HTTP/1.1 200 "), data[:300]
+    finally:
+        for sock in holders:
+            sock.close()
+    status, _, answer = raw_exchange(
+        gw.port, head.replace(b"host: gw", b"host: gw\r\nconnection: close") + body)
+    assert status == 200, answer[:300]

@@ -228,3 +228,51 @@ def process_output(process: Any) -> str:
     process.terminate()
     out, _ = process.communicate(timeout=20)
     return out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+
+
+class RawUpstream:
+    """A loopback server that reads each request's head and answers `reply` bytes as they
+    are (e.g. garbage instead of HTTP), then closes: an upstream that misbehaves.
+
+        with RawUpstream(b"ZZZZ not http\\r\\n\\r\\n") as up:
+            registry = f'[models.bad]\\nurl = "{up.base_url}"\\n'
+    """
+
+    def __init__(self, reply: bytes) -> None:
+        import threading
+
+        self.reply = reply
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> RawUpstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(self.reply)
+                except OSError:
+                    pass
