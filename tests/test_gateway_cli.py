@@ -87,7 +87,7 @@ def test_help_shows_every_setting_as_a_flag_with_its_variable_and_default() -> N
     proc = run("--help", env=clean_env())
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())  # argparse wraps lines
-    for name, field in GatewaySettings.model_fields.items():
+    for name in GatewaySettings.model_fields:
         flag = "--" + name.replace("_", "-")
         assert flag in text, flag
         env = "GATEWAY_" + name.upper()
@@ -123,7 +123,7 @@ def test_fleet_subcommand_help_has_a_description_and_an_example(sub: str) -> Non
     proc = subprocess.run([sys.executable, "-m", "fleet", *sub.split(), "--help"],
                           capture_output=True, text=True, timeout=30, env=clean_env())
     assert proc.returncode == 0, proc.stderr
-    usage, _, rest = proc.stdout.partition("\n\n")
+    _, _, rest = proc.stdout.partition("\n\n")
     description = rest.split("\n\n")[0]
     assert description.strip() and not description.startswith(("positional", "options")), (
         proc.stdout)

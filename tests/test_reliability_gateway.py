@@ -332,12 +332,12 @@ def test_silent_and_half_head_connections_are_closed_after_the_header_timeout(
         wait_for(lambda: open_fds(pid), 5, "the gateway holds the 40 connections",
                  ok=lambda n: n >= base_fds + 40)
         for sock in half:
-            data, took = read_until_closed(sock, 5)  # 1 s, generous for a loaded machine
+            data, _ = read_until_closed(sock, 5)  # 1 s, generous for a loaded machine
             status, headers, body = parse_response(data)
             assert status == 408 and judge(status, headers, body) is None, data[:300]
             assert b"GATEWAY_HEADER_TIMEOUT" in body
         for sock in silent:
-            data, took = read_until_closed(sock, 5)
+            data, _ = read_until_closed(sock, 5)
             assert data == b"", data[:300]  # nothing was asked: closed without a word
         wait_for(lambda: open_fds(pid), 5, "gateway fds back to baseline",
                  ok=lambda n: n <= base_fds + FD_TOLERANCE)
