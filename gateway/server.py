@@ -16,9 +16,10 @@ fields, connections that never send a byte, and as many connections as the kerne
   the oldest idle one (waiting for a request head, or kept alive between requests), and
   when none is idle it gets 503 with Retry-After. Requests in progress are never closed.
 
-What it costs per request: one integer check per `data_received`, one timer armed and
-cancelled, and two dict operations (the idle set); about 2 us (see the module's tests and
-benchmarks/RESULTS.md). Nothing here runs per body chunk once the head is complete.
+What it costs per request: four short Python methods (no timer: one sweep per server every
+`header_timeout / 4` seconds, at most 1 s, checks the waiting connections) and two dict
+operations; `benchmarks/limits_cost.py` measures it. Per body chunk it costs one `is None`
+check.
 """
 
 from __future__ import annotations
@@ -61,22 +62,45 @@ class ConnectionLimits:
 
 
 class _Guard:
-    """What the connections of one server share: the limits and the idle connections, oldest
-    first (a dict keeps insertion order: popping the first item is O(1))."""
+    """What the connections of one server share: the limits, the connections waiting for a
+    request head (fresh, or kept alive between requests), oldest first (a dict keeps
+    insertion order: the oldest is the first item), and one sweep that closes those whose
+    head is late. A sweep every `interval` seconds over the waiting connections costs less
+    than a timer armed and cancelled per request."""
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
         self.idle: dict[GuardedHttpTools, None] = {}
+        self.interval = max(0.05, min(1.0, limits.header_timeout / 4))
+        self._sweep: asyncio.TimerHandle | None = None
         self.evicted = 0
         self.refused = 0
+        self.late = 0
+
+    def waiting(self, conn: GuardedHttpTools) -> None:
+        """`conn` waits for a request head from now on (the newest idle connection)."""
+        self.idle[conn] = None
+        if self._sweep is None:
+            self._sweep = conn.loop.call_later(self.interval, self.sweep, conn.loop)
+
+    def sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep = None
+        deadline = loop.time() - self.limits.header_timeout
+        for conn in [c for c in self.idle if c.head_since is not None
+                     and c.head_since <= deadline]:
+            self.late += 1
+            conn.head_late()
+        if self.idle:
+            self._sweep = loop.call_later(self.interval, self.sweep, loop)
 
     def evict_oldest_idle(self) -> bool:
         conn = next(iter(self.idle), None)
         if conn is None:
             return False
         del self.idle[conn]
-        conn.close_idle()
         self.evicted += 1
+        if not conn.transport.is_closing():
+            conn.transport.close()
         return True
 
 
@@ -92,15 +116,21 @@ def _response(status: int, message: str, extra: bytes = b"") -> bytes:
 
 class GuardedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol with head size, field count, head deadline and
-    connection cap (see the module's docstring). `guard` is set by `protocol_class`."""
+    connection cap (see the module's docstring). `guard` is set by `protocol_class`.
+
+    Per request it adds four short methods and no timer: `data_received` (the head budget;
+    the time the head began), `on_headers_complete` (the field count; no longer waiting),
+    `on_message_complete` (the next head's budget) and `on_response_complete` (waiting
+    again)."""
 
     guard: ClassVar[_Guard]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_budget: int | None = self.guard.limits.max_header_bytes
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_begun = False
+        # When the wait for the current head began (loop time); None: not waiting, or kept
+        # alive with no byte of a next request yet (uvicorn's keep-alive timeout rules then).
+        self.head_since: float | None = None
         self._refused = False
         self._lingering = False
 
@@ -119,27 +149,22 @@ class GuardedHttpTools(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
-        guard.idle[self] = None
-        self._head_timer = self.loop.call_later(guard.limits.header_timeout, self._head_late)
+        self.head_since = self.loop.time()  # a fresh connection owes a head from its start
+        guard.waiting(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.idle.pop(self, None)
-        self._cancel_head_timer()
         if self._refused:
             self.parser = None  # type: ignore[assignment]
             return
         super().connection_lost(exc)
 
-    def close_idle(self) -> None:
-        """Closed to make room for a new connection (it had no request in progress)."""
-        self._cancel_head_timer()
-        if not self.transport.is_closing():
-            self.transport.close()
-
     # -- the request head ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         budget = self._head_budget
         if budget is not None:
+            if self.head_since is None:  # the first byte of a kept-alive connection's next head
+                self.head_since = self.loop.time()
             budget -= len(data)
             self._head_budget = budget
             if budget < 0:
@@ -155,19 +180,12 @@ class GuardedHttpTools(HttpToolsProtocol):
                     return
         super().data_received(data)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._head_begun = True
-        if self._head_timer is None:  # a kept-alive connection's next request
-            self._head_timer = self.loop.call_later(self.guard.limits.header_timeout,
-                                                    self._head_late)
-
     def on_headers_complete(self) -> None:
         self._head_budget = None
-        self._head_begun = False
-        self._cancel_head_timer()
-        self.guard.idle.pop(self, None)
-        limit = self.guard.limits.max_header_count
+        self.head_since = None
+        guard = self.guard
+        guard.idle.pop(self, None)
+        limit = guard.limits.max_header_count
         if len(self.headers) > limit:
             app = self.app
             self.app = _too_many_headers(len(self.headers), limit)
@@ -184,30 +202,32 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
-            self.guard.idle[self] = None  # kept alive, waiting: the newest idle connection
+        if not self.pipeline and not self.transport.is_closing():
+            if self._head_budget == self.guard.limits.max_header_bytes:
+                self.head_since = None  # idle: uvicorn's keep-alive timeout applies
+            self.guard.waiting(self)
 
-    def _head_late(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
+    def head_late(self) -> None:
+        """The head did not complete within the header timeout: 408 if part of one came,
+        else close without a word."""
+        self.guard.idle.pop(self, None)
+        self.head_since = None
+        transport = self.transport
+        if transport.is_closing():
             return
-        if self._head_begun:
-            self.transport.write(_response(
+        budget = self._head_budget
+        if budget is not None and budget < self.guard.limits.max_header_bytes:
+            transport.write(_response(
                 408, f"The request line and headers did not arrive within "
                      f"{self.guard.limits.header_timeout:g} s ({env_name('header_timeout')})."))
-        self.transport.close()
-
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        transport.close()
 
     def _refuse_head(self, status: int, message: str) -> None:
         """Answer and close. The close lingers (up to _LINGER_SECONDS or _LINGER_BYTES
         more): closing a socket with unread input sends a reset, which can destroy the
         answer before a client still sending its head has read it."""
-        self._cancel_head_timer()
         self.guard.idle.pop(self, None)
+        self.head_since = None
         log.info("refused a request head from %s: %s", _peer(self.client), message)
         transport = self.transport
         if transport.is_closing():
