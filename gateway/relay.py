@@ -32,6 +32,7 @@ class RelayResponse(Response):
                  retry_after: int) -> None:
         self.upstream = upstream
         self.model = model
+        self.request_id = request_id
         self.status_code = upstream.status_code
         headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in _DROP]
         present = {k for k, _ in headers}
@@ -94,7 +95,7 @@ class RelayResponse(Response):
                 # Break the connection: a truncated body must not look complete.
                 raise UpstreamBroken(self.model, exc) from exc
             detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
-            event = errors.upstream_broken_stream(self.model, detail)
+            event = errors.upstream_broken_stream(self.model, detail, self.request_id)
             prefix = b"" if tail.endswith(b"\n\n") else b"\n\n"
             await send({"type": "http.response.body", "body": prefix + event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

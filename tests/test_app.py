@@ -208,11 +208,15 @@ async def test_upstream_breaking_mid_stream_ends_with_an_error_event(gw) -> None
     client, mock = gw
     mock.post(f"{A}/v1/chat/completions").respond(
         200, stream=BreakingStream(), headers={"content-type": "text/event-stream"})
-    resp = await client.post("/v1/chat/completions", json={"model": "a", "stream": True, **CHAT})
+    resp = await client.post("/v1/chat/completions", json={"model": "a", "stream": True, **CHAT},
+                             headers={"x-request-id": "rid-broken"})
     events = resp.content.split(b"\n\n")
     assert events[0] == b'data: {"n":1}'
     error = json.loads(events[-2].removeprefix(b"data: "))["error"]
     assert error["code"] == 502 and "broke off" in error["message"]
+    # The client library's words are for the log; the caller gets the request id.
+    assert "reset by peer" not in error["message"] and "ReadError" not in error["message"]
+    assert "rid-broken" in error["message"]
 
 
 async def test_models_listing_and_lookup(gw) -> None:
