@@ -82,10 +82,6 @@ class Hold:
         self.budget.held -= self.size
         self.size = 0
 
-    def fits(self, size: int) -> bool:
-        budget = self.budget
-        return budget.held + size <= budget.limit
-
     def take(self, size: int) -> None:
         budget = self.budget
         if budget.held + size > budget.limit:
@@ -95,15 +91,18 @@ class Hold:
 
 
 async def read_body(request: Request, limit: int, hold: Hold | None = None) -> bytes:
-    """The whole body: 413 beyond `limit` bytes, 503 when `hold`'s budget is spent (by the
-    declared length before anything is read), 499 when the client leaves mid-upload."""
+    """The whole body: 413 beyond `limit` bytes, 503 when `hold`'s budget is spent (a
+    declared length is taken whole before anything is read; a chunked body as it arrives),
+    499 when the client leaves mid-upload."""
     declared = request.headers.get("content-length")
+    counted = hold  # chunked: each chunk is taken from the budget as it arrives
     if declared is not None and declared.isdigit():
         size = int(declared)
         if size > limit:
             raise errors.body_too_large(limit)
-        if hold is not None and not hold.fits(size):
-            raise errors.buffers_full(hold.budget.limit, hold.budget.retry_after)
+        if hold is not None:
+            hold.take(size)  # the server's parser delivers no more than the declared length
+            counted = None
     chunks: list[bytes] = []
     size = 0
     try:
@@ -111,8 +110,8 @@ async def read_body(request: Request, limit: int, hold: Hold | None = None) -> b
             size += len(chunk)
             if size > limit:
                 raise errors.body_too_large(limit)
-            if hold is not None:
-                hold.take(len(chunk))
+            if counted is not None:
+                counted.take(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
         raise errors.client_gone(getattr(request.state, "request_id", "-")) from None
