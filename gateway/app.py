@@ -33,6 +33,7 @@ from gateway.ports import Admitter, FleetOpener
 from gateway.proxy import MODEL_ENDPOINTS, Proxy
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
+from gateway.scheduler.metrics import SchedulerMetrics
 from gateway.scheduler.runtime import Scheduler
 from gateway.settings import GatewaySettings
 from gateway.upstream import TransportFactory
@@ -69,6 +70,8 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     if settings.scheduler == "fair":
         scheduler = Scheduler(settings, runtime.state, lambda: runtime.activator, runtime.clock)
         runtime.use_scheduler(scheduler)
+        scheduler.on_action = SchedulerMetrics(runtime.metrics.registry, lambda: scheduler.core,
+                                               runtime.clock).on_action
         admitter = scheduler
     else:
         admitter = FleetAdmitter(runtime)
