@@ -14,18 +14,27 @@ Two implementations of one small interface (the slice of `httpx.AsyncClient` the
   that has arrived when the relay asks (a burst of SSE events becomes one write to the client,
   nothing waits for more), and it raises httpx's exception types, so the failure mapping
   below, the relay and the app's failover are the same for both.
+
+Deadlines the gateway owns, not the client library (aiohttp's C parser waits forever on a
+chunk-size line that is not hex, whatever its read timeout): with aiohttp, the wait for a
+response head is bounded by connect + pool + write + read timeouts (one timer per request),
+a probe (`get`) by its timeout over the whole exchange, `aread` by the read timeout, and a
+relayed body by the relay's read-deadline timer (`AiohttpResponse.read_timeout`, see
+`gateway.relay`). aiohttp's own `sock_read` timer is off: it was re-armed on every received
+chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 
 from gateway import errors
+from gateway.h1 import H1Client
 from gateway.settings import GatewaySettings
 
 try:
@@ -54,6 +63,7 @@ class Upstreams:
                                    keepalive_expiry=settings.keepalive_expiry)
         self._transport_factory = transport_factory
         self.use_aiohttp = (transport_factory is None and settings.upstream_client == "aiohttp")
+        self.use_h1 = transport_factory is None and settings.upstream_client == "h1"
         if self.use_aiohttp and aiohttp is None:
             raise RuntimeError("upstream_client='aiohttp' needs the aiohttp package "
                                "(pip install aiohttp) or GATEWAY_UPSTREAM_CLIENT=httpx")
@@ -66,7 +76,9 @@ class Upstreams:
     def client(self, base_url: str) -> UpstreamClient:
         client = self._clients.get(base_url)
         if client is None:
-            if self.use_aiohttp:
+            if self.use_h1:
+                client = H1Client(base_url, self.timeout, self.limits)
+            elif self.use_aiohttp:
                 client = AiohttpClient(base_url, self.timeout, self.limits)
             else:
                 transport = self._transport_factory(base_url) if self._transport_factory else None
@@ -192,14 +204,26 @@ class AiohttpRequest:
 
 
 class AiohttpResponse:
-    """A streamed upstream response: `status_code`, `headers`, `aiter_raw()`, `aclose()`."""
+    """A streamed upstream response: `status_code`, `headers`, `aiter_raw()`, `aclose()`;
+    for the relay also `readany()` (aiohttp's errors: `map_error`), `read_timeout` (the
+    longest silence allowed between two reads) and `total_deadline` (loop time, or None)."""
 
-    __slots__ = ("_resp", "headers", "status_code")
+    __slots__ = ("_resp", "headers", "read_timeout", "readany", "status_code",
+                 "total_deadline")
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, read_timeout: float | None = None) -> None:
         self._resp = resp
         self.status_code: int = resp.status
         self.headers = _Headers(resp.raw_headers, resp.headers)
+        self.read_timeout = read_timeout
+        self.total_deadline: float | None = None
+        # Everything received so far that was not taken yet (b"" at the end), raising
+        # aiohttp's errors: what the relay's loop awaits, one call per chunk.
+        self.readany: Callable[[], Awaitable[bytes]] = resp.content.readany
+
+    @staticmethod
+    def map_error(exc: BaseException) -> httpx.HTTPError | None:
+        return httpx_error(exc)
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body as it arrives, transfer coding removed, content coding kept; each item
@@ -207,14 +231,17 @@ class AiohttpResponse:
         content = self._resp.content
         with _as_httpx_errors():
             while True:
-                data = await content.readany()
+                async with asyncio.timeout(self.read_timeout):
+                    data = await content.readany()
                 if not data:
                     return
                 yield data
 
     async def aread(self) -> bytes:
+        """The whole body, within the read timeout."""
         with _as_httpx_errors():
-            return await self._resp.read()
+            async with asyncio.timeout(self.read_timeout):
+                return await self._resp.read()
 
     async def aclose(self) -> None:
         """Back to the pool if the body was read to its end; else close the connection at
@@ -247,11 +274,12 @@ class AiohttpClient:
         found = self._timeouts.get(key)
         if found is None:
             # `connect` bounds the wait for a pooled connection plus a new connection's set-up;
-            # `sock_connect` the set-up alone; `sock_read` the gap between two reads.
+            # `sock_connect` the set-up alone. Reads are bounded by the gateway's own deadlines
+            # (`send`, `AiohttpResponse`, the relay), not by `sock_read`.
             pool_and_connect = None if timeout.connect is None else (
                 timeout.connect + (timeout.pool or 0.0))
             found = aiohttp.ClientTimeout(total=None, connect=pool_and_connect,
-                                          sock_connect=timeout.connect, sock_read=timeout.read)
+                                          sock_connect=timeout.connect, sock_read=None)
             self._timeouts[key] = found
         return found
 
@@ -286,17 +314,27 @@ class AiohttpClient:
                               timeout or self.timeout)
 
     async def send(self, request: AiohttpRequest, *, stream: bool = True) -> AiohttpResponse:
-        """Send and wait for the response head; the body is read by `aiter_raw`."""
+        """Send and wait for the response head, within connect + pool + write + read
+        timeouts whatever the parser does; the body is read by `readany`/`aiter_raw`."""
         session = self._get_session()
         timeout: httpx.Timeout = request.timeout
         data: bytes | _TimedBody | None = request.content or None
         if data is not None and len(data) > _SMALL_BODY:
             data = _TimedBody(data, timeout.write)
-        with _as_httpx_errors():
-            resp = await session.request(
-                request.method, request.url, data=data, headers=request.headers,
-                allow_redirects=False, compress=None, timeout=self._client_timeout(timeout))
-        response = AiohttpResponse(resp)
+        head_deadline = _head_deadline(timeout)
+        try:
+            with _as_httpx_errors():
+                async with asyncio.timeout(head_deadline):
+                    resp = await session.request(
+                        request.method, request.url, data=data, headers=request.headers,
+                        allow_redirects=False, compress=None,
+                        timeout=self._client_timeout(timeout))
+        except httpx.TimeoutException as exc:
+            if type(exc) is httpx.TimeoutException:  # our deadline, not one of aiohttp's
+                raise httpx.ReadTimeout(f"no response head within {head_deadline:g} s") \
+                    from None
+            raise
+        response = AiohttpResponse(resp, timeout.read)
         if not stream:
             try:
                 await response.aread()
@@ -306,11 +344,20 @@ class AiohttpClient:
 
     async def get(self, path: str, *, timeout: float | httpx.Timeout | None = None
                   ) -> AiohttpResponse:
-        """A small GET read to its end (health probes)."""
+        """A small GET read to its end (health probes): the whole exchange within `timeout`
+        (its read timeout, for an `httpx.Timeout`), however the upstream misbehaves."""
         if isinstance(timeout, (int, float)):
             timeout = httpx.Timeout(timeout)
         request = self.build_request("GET", path, timeout=timeout)
-        return await self.send(request, stream=False)
+        limit = request.timeout.read
+        try:
+            with _as_httpx_errors():
+                async with asyncio.timeout(limit):
+                    return await self.send(request, stream=False)
+        except httpx.TimeoutException as exc:
+            if type(exc) is httpx.TimeoutException:
+                raise httpx.ReadTimeout(f"no complete answer within {limit:g} s") from None
+            raise
 
     async def aclose(self) -> None:
         self._closed = True
@@ -319,4 +366,12 @@ class AiohttpClient:
             await session.close()
 
 
-UpstreamClient = httpx.AsyncClient | AiohttpClient
+def _head_deadline(timeout: httpx.Timeout) -> float | None:
+    """Seconds from sending a request to its response head: every phase's limit added."""
+    parts = (timeout.connect, timeout.pool, timeout.write, timeout.read)
+    if timeout.read is None:
+        return None
+    return sum(p for p in parts if p is not None)
+
+
+UpstreamClient = httpx.AsyncClient | AiohttpClient | H1Client
