@@ -17,7 +17,8 @@ Two implementations of one small interface (the slice of `httpx.AsyncClient` the
 
 Deadlines the gateway owns, not the client library (aiohttp's C parser waits forever on a
 chunk-size line that is not hex, whatever its read timeout): with aiohttp, the wait for a
-response head is bounded by connect + pool + write + read timeouts (one timer per request),
+response head is bounded by connect + pool + write + read timeouts (one timer per request;
+with a body over 64 KiB: the write timeout, then aiohttp's sock_read),
 a probe (`get`) by its timeout over the whole exchange, `aread` by the read timeout, and a
 relayed body by the relay's read-deadline timer (`AiohttpResponse.read_timeout`, see
 `gateway.relay`). aiohttp's own `sock_read` timer is off: it was re-armed on every received
@@ -269,17 +270,20 @@ class AiohttpClient:
     def is_closed(self) -> bool:
         return self._closed
 
-    def _client_timeout(self, timeout: httpx.Timeout) -> aiohttp.ClientTimeout:
-        key = (timeout.connect, timeout.read, timeout.write, timeout.pool)
+    def _client_timeout(self, timeout: httpx.Timeout, sock_read: bool = False
+                        ) -> aiohttp.ClientTimeout:
+        key = (timeout.connect, timeout.read, timeout.write, timeout.pool, sock_read)
         found = self._timeouts.get(key)
         if found is None:
             # `connect` bounds the wait for a pooled connection plus a new connection's set-up;
             # `sock_connect` the set-up alone. Reads are bounded by the gateway's own deadlines
-            # (`send`, `AiohttpResponse`, the relay), not by `sock_read`.
+            # (`send`, `AiohttpResponse`, the relay); aiohttp's `sock_read` (re-armed on every
+            # received chunk) only for requests with a big body, whose head deadline it is.
             pool_and_connect = None if timeout.connect is None else (
                 timeout.connect + (timeout.pool or 0.0))
             found = aiohttp.ClientTimeout(total=None, connect=pool_and_connect,
-                                          sock_connect=timeout.connect, sock_read=None)
+                                          sock_connect=timeout.connect,
+                                          sock_read=timeout.read if sock_read else None)
             self._timeouts[key] = found
         return found
 
@@ -319,20 +323,21 @@ class AiohttpClient:
         session = self._get_session()
         timeout: httpx.Timeout = request.timeout
         data: bytes | _TimedBody | None = request.content or None
-        if data is not None and len(data) > _SMALL_BODY:
-            data = _TimedBody(data, timeout.write)
-        head_deadline = _head_deadline(timeout)
+        big = data is not None and len(data) > _SMALL_BODY
+        if big:
+            # Written under the write timeout, then aiohttp's sock_read bounds the head.
+            data = _TimedBody(request.content, timeout.write)
+        head_deadline = None if big else _head_deadline(timeout)
         try:
             with _as_httpx_errors():
                 async with asyncio.timeout(head_deadline):
                     resp = await session.request(
                         request.method, request.url, data=data, headers=request.headers,
                         allow_redirects=False, compress=None,
-                        timeout=self._client_timeout(timeout))
+                        timeout=self._client_timeout(timeout, sock_read=big))
         except httpx.TimeoutException as exc:
             if type(exc) is httpx.TimeoutException:  # our deadline, not one of aiohttp's
-                raise httpx.ReadTimeout(f"no response head within {head_deadline:g} s") \
-                    from None
+                raise httpx.ReadTimeout(f"no response head within {head_deadline} s") from None
             raise
         response = AiohttpResponse(resp, timeout.read)
         if not stream:
