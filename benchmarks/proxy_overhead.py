@@ -45,8 +45,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import RunResult, chat_request, install_fast_loop, percentile, run_load
-from procs import (ROUTER_INSTALL, Proc, Procs, find_router, machine_busy_seconds, pin,
-                   self_cpu_seconds)
+from procs import (
+    ROUTER_INSTALL,
+    Proc,
+    Procs,
+    find_router,
+    machine_busy_seconds,
+    pin,
+    self_cpu_seconds,
+)
 
 MODEL = "bench"
 

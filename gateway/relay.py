@@ -176,8 +176,19 @@ class RelayResponse(Response):
 class _WatchState:
     """What the pump, the disconnect watcher and the deadline timer share."""
 
-    __slots__ = ("clock", "disconnected", "done", "expired", "last_read", "loop", "read_timeout",
-                 "tail", "timer", "total", "pump")
+    __slots__ = (
+        "clock",
+        "disconnected",
+        "done",
+        "expired",
+        "last_read",
+        "loop",
+        "pump",
+        "read_timeout",
+        "tail",
+        "timer",
+        "total",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop

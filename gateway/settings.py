@@ -34,7 +34,7 @@ class GatewaySettings(BaseSettings):
         default=4.0, gt=0,
         description="idle pooled connections are dropped after this; below vLLM's 5 s "
                     "keep-alive so a connection is never reused just as vLLM closes it")
-    upstream_client: Literal["aiohttp", "httpx"] = Field(
+    upstream_client: Literal["aiohttp", "httpx", "h1"] = Field(
         default="httpx",
         description="HTTP client to the upstreams. `python -m gateway` uses aiohttp (about 4x "
                     "less CPU per streamed request) unless this is set; the library default "

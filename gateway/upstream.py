@@ -28,7 +28,14 @@ chunk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import contextmanager
 from typing import Any
 
@@ -63,9 +70,11 @@ class Upstreams:
                                    max_keepalive_connections=settings.max_keepalive,
                                    keepalive_expiry=settings.keepalive_expiry)
         self._transport_factory = transport_factory
-        self.use_aiohttp = (transport_factory is None and settings.upstream_client == "aiohttp")
         self.use_h1 = transport_factory is None and settings.upstream_client == "h1"
-        if self.use_aiohttp and aiohttp is None:
+        # h1 speaks plain http: https upstreams get aiohttp (or httpx without it)
+        self.use_aiohttp = transport_factory is None and (
+            settings.upstream_client == "aiohttp" or (self.use_h1 and aiohttp is not None))
+        if settings.upstream_client == "aiohttp" and self.use_aiohttp and aiohttp is None:
             raise RuntimeError("upstream_client='aiohttp' needs the aiohttp package "
                                "(pip install aiohttp) or GATEWAY_UPSTREAM_CLIENT=httpx")
         self._clients: dict[str, UpstreamClient] = {}
@@ -77,7 +86,7 @@ class Upstreams:
     def client(self, base_url: str) -> UpstreamClient:
         client = self._clients.get(base_url)
         if client is None:
-            if self.use_h1:
+            if self.use_h1 and base_url.startswith("http://"):
                 client = H1Client(base_url, self.timeout, self.limits)
             elif self.use_aiohttp:
                 client = AiohttpClient(base_url, self.timeout, self.limits)
@@ -323,7 +332,7 @@ class AiohttpClient:
         session = self._get_session()
         timeout: httpx.Timeout = request.timeout
         data: bytes | _TimedBody | None = request.content or None
-        big = data is not None and len(data) > _SMALL_BODY
+        big = len(request.content) > _SMALL_BODY
         if big:
             # Written under the write timeout, then aiohttp's sock_read bounds the head.
             data = _TimedBody(request.content, timeout.write)
