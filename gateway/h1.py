@@ -26,6 +26,9 @@ Connections are kept alive (at most `max_keepalive` idle per upstream, closed af
 response dropped early closes its connection at once, so vLLM sees the disconnect and aborts.
 Reading pauses when more than `_HIGH_WATER` bytes wait for a slow reader (back-pressure to the
 upstream, flat memory).
+
+Past 400 lines on purpose: the protocol, the response and the pool share one connection's
+private state; split, each part would reach into the others.
 """
 
 from __future__ import annotations
