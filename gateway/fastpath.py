@@ -63,7 +63,7 @@ class _Endpoint:
 
     def __init__(self, handler: Handler, handlers: Mapping[Any, ErrorHandler]) -> None:
         self.handler = handler
-        self.handlers = dict(handlers)
+        self.handlers: dict[Any, ErrorHandler] = dict(handlers)
         fallback = self.handlers.get(Exception) or self.handlers.get(500)
         self.fallback: ErrorHandler | None = fallback
 
