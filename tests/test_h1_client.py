@@ -116,3 +116,31 @@ async def test_the_pool_limit_makes_requests_wait_then_time_out(client) -> None:
         third = await send(c)  # a connection came back to the pool
         release.set()
         await third.aclose()
+
+
+@pytest.mark.parametrize(("answer", "body", "reused"), [
+    (b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end", b"until the end", False),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", b"", True),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok", b"ok", False),
+    (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", b"ok", False),
+], ids=["until close", "204", "close after length", "http/1.0"])
+async def test_bodies_framed_every_way_are_read_whole(client, answer: bytes, body: bytes,
+                                                      reused: bool) -> None:
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await up.read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(answer)
+            await writer.drain()
+            if b"close" in answer or b"HTTP/1.0" in answer:
+                return
+
+    async with Upstream(once) as up:
+        c = client(up.url)
+        for _ in range(2):
+            resp = await send(c)
+            assert await resp.aread() == body
+            await resp.aclose()
+        assert up.connections == (1 if reused else 2)
