@@ -16,6 +16,7 @@ size cases hung until the outer `wait_for` of these tests (seen: one event, then
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self
@@ -260,3 +261,29 @@ async def test_fuzzed_framing_always_ends_within_the_read_timeout(
     finally:
         for ups in made:
             await ups.aclose()
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_through_the_gateway_a_broken_stream_ends_with_an_openai_error_event(
+        kind: str) -> None:
+    """The issue's reproduction: one valid event, then a chunk size that is not hex."""
+    from fleet.registry import parse_registry
+    from gateway.app import create_app
+
+    async with RawUpstream(answering(SSE_HEAD, CHUNK, b"ZZZZ\r\n\r\n")) as up:
+        registry = parse_registry(f'[models.m]\nurl = "{up.url}"\n')
+        app = create_app(registry, GatewaySettings(read_timeout=READ, upstream_client=kind))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                start = time.monotonic()
+                r = await asyncio.wait_for(client.post(
+                    "/v1/chat/completions",
+                    json={"model": "m", "stream": True, "messages": []}), 30)
+                took = time.monotonic() - start
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[0] == EVENT.decode().strip()
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["code"] == 502 and "broke off" in error["message"]
+    assert took < READ + MARGIN
