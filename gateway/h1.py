@@ -1,34 +1,21 @@
-"""A lean HTTP/1.1 upstream client: asyncio protocols and the `httptools` parser (llhttp, C).
+"""The gateway's own HTTP/1.1 upstream client: asyncio protocols and `httptools` (llhttp, C).
 
-What the gateway asks of an upstream client and nothing more (the interface of
-`gateway.upstream`: `build_request`, `send(stream=True)`, `get`, `aclose`; responses with
-`status_code`, `headers.raw`, `headers.get`, `readany`, `aiter_raw`, `aread`, `aclose`), at a
-fraction of a general client's cost per received chunk: `data_received` feeds the C parser,
-whose body callback appends the bytes and wakes the one reader, if it waits. Everything that
-arrived together is handed over at once (a burst of SSE events becomes one write to the client).
+The interface of `gateway.upstream.UpstreamClient` and nothing more, at a fraction of a
+general client's cost per received chunk: `data_received` feeds the C parser, whose body
+callback appends the bytes and wakes the one reader; what arrived together is handed over at
+once (a burst of SSE events becomes one write to the client). Failures are httpx's types:
+refused `ConnectError`, no connection within `connect` `ConnectTimeout`, no free connection
+within `pool` (`max_connections` per upstream) `PoolTimeout`, a body not taken within `write`
+`WriteTimeout`, no response head within `read` of the request being written `ReadTimeout`,
+framing llhttp rejects (a chunk size that is not hex, a bad status line: at once, where
+aiohttp's parser waits forever) or a close before the head `RemoteProtocolError`, a close
+mid-body `ReadError`. Silence between two body reads is bounded by the reader: the relay's
+deadline timer (`read_timeout` on the response), `aread` and `aiter_raw`.
 
-Failures are httpx's exception types, so `gateway.upstream.map_failure`, the relay and the
-failover treat every client alike:
-
-- connect: `ConnectError` (refused, unreachable), `ConnectTimeout` (`connect` seconds);
-- no free connection within `pool` seconds (`max_connections` per upstream): `PoolTimeout`;
-- a request body not taken within `write` seconds: `WriteTimeout`;
-- no response head within `read` seconds of the request being written: `ReadTimeout`;
-- framing the parser rejects (a chunk size that is not hex, a bad status line) or a connection
-  closed before the head: `RemoteProtocolError`, at once, since llhttp raises where aiohttp's
-  parser waits; a connection closed mid-body: `ReadError`.
-
-Silence between two body reads is bounded by whoever reads: the relay's deadline timer
-(`read_timeout` on the response), `aread` and `aiter_raw` (the read timeout per read).
-
-Connections are kept alive (at most `max_keepalive` idle per upstream, closed after
-`keepalive_expiry` idle seconds) and reused only after a response was read to its end; a
-response dropped early closes its connection at once, so vLLM sees the disconnect and aborts.
-Reading pauses when more than `_HIGH_WATER` bytes wait for a slow reader (back-pressure to the
-upstream, flat memory).
-
-Past 400 lines on purpose: the protocol, the response and the pool share one connection's
-private state; split, each part would reach into the others.
+Connections are kept alive (at most `max_keepalive` idle, closed after `keepalive_expiry`)
+and reused only after a response was read to its end; one dropped early is closed at once, so
+vLLM sees the disconnect and aborts. Reading pauses while more than `_HIGH_WATER` bytes wait
+for a slow reader (back-pressure to the upstream, flat memory).
 """
 
 from __future__ import annotations
@@ -75,7 +62,6 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self._paused = False
 
-    # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
@@ -90,8 +76,8 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if self.complete:
-            pass
-        elif self.head and self.until_close and exc is None:
+            return
+        if self.head and self.until_close and exc is None:
             self.complete = True  # a body delimited by the end of the connection
         elif self.head:
             self._fail(httpx.ReadError("the upstream closed the connection mid-body"))
@@ -99,9 +85,7 @@ class _Conn(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError("the upstream closed the connection "
                                                  "without answering"))
         self._wake()
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self.resume_writing()
 
     def pause_writing(self) -> None:
         if self._drain is None:
@@ -112,7 +96,6 @@ class _Conn(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
 
-    # -- httptools callbacks -----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
@@ -130,18 +113,13 @@ class _Conn(asyncio.Protocol):
         if self.buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()
         self._wake()
 
-    # -- for the client ----------------------------------------------------------------------
     def _fail(self, exc: httpx.HTTPError) -> None:
         if self.error is None:
             self.error = exc
@@ -177,10 +155,7 @@ class _Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         key = name.lower().encode("latin-1")
-        for k, v in self.raw:
-            if k.lower() == key:
-                return v.decode("latin-1")
-        return default
+        return next((v.decode("latin-1") for k, v in self.raw if k.lower() == key), default)
 
 
 class H1Request:
@@ -206,22 +181,17 @@ class H1Response:
         self.read_timeout = read_timeout
         self.total_deadline: float | None = None
 
-    @staticmethod
-    def map_error(exc: BaseException) -> httpx.HTTPError | None:
-        return None  # failures are httpx's types already
-
     async def readany(self) -> bytes:
         """Everything received and not taken yet; b"" at the end of the body."""
         conn = self._conn
-        while True:
-            if conn.buf:
-                return conn.take()
+        while not conn.buf:
             if conn.complete:
                 return b""
             if conn.error is not None:
                 raise conn.error
-            waiter = conn.waiter = self._loop.create_future()
-            await waiter
+            conn.waiter = self._loop.create_future()
+            await conn.waiter
+        return conn.take()
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         while True:
@@ -321,19 +291,15 @@ class H1Client:
                         raise httpx.WriteTimeout(f"request body not taken within "
                                                  f"{timeout.write:g} s") from None
             if not conn.head and conn.error is None:
-                loop = asyncio.get_running_loop()
-                waiter = conn.waiter = loop.create_future()
-                handle = loop.call_at(loop.time() + timeout.read, _expire, waiter) \
-                    if timeout.read is not None else None
                 try:
-                    await waiter
-                finally:
-                    if handle is not None:
-                        handle.cancel()
-                if not conn.head and conn.error is None:
-                    raise httpx.ReadTimeout(f"no response head within {timeout.read:g} s")
-            if not conn.head:
-                assert conn.error is not None
+                    async with asyncio.timeout(timeout.read):
+                        while not conn.head and conn.error is None:
+                            conn.waiter = asyncio.get_running_loop().create_future()
+                            await conn.waiter
+                except TimeoutError:
+                    raise httpx.ReadTimeout(f"no response head within {timeout.read:g} s") \
+                        from None
+            if conn.error is not None and not conn.head:
                 raise conn.error
         except BaseException:
             self._release(conn, False)
@@ -371,7 +337,6 @@ class H1Client:
             if not waiter.done():
                 waiter.set_exception(httpx.PoolTimeout("the client was closed"))
 
-    # -- the pool -------------------------------------------------------------------------
     async def _acquire(self, timeout: httpx.Timeout) -> _Conn:
         if self._closed:
             raise httpx.ConnectError("the upstream client is closed")
@@ -404,17 +369,14 @@ class H1Client:
         try:
             async with asyncio.timeout(timeout.connect):
                 _, conn = await loop.create_connection(_Conn, self.host, self.port)
-        except TimeoutError:
+        except BaseException as exc:
             self._active -= 1
             self._wake_one()
-            raise httpx.ConnectTimeout(f"no connection within {timeout.connect:g} s") from None
-        except OSError as exc:
-            self._active -= 1
-            self._wake_one()
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
-        except BaseException:
-            self._active -= 1
-            self._wake_one()
+            if isinstance(exc, TimeoutError):
+                raise httpx.ConnectTimeout(f"no connection within {timeout.connect:g} s") \
+                    from None
+            if isinstance(exc, OSError):
+                raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
             raise
         return conn
 
@@ -435,8 +397,3 @@ class H1Client:
             if not waiter.done():
                 waiter.set_result(None)
                 return
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)

@@ -31,6 +31,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import errors
+from gateway.upstream import UpstreamResponse
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the ASGI server sets itself.
 _DROP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
@@ -41,10 +42,10 @@ _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 class RelayResponse(Response):
-    """An ASGI response that streams an already opened upstream response (httpx's or
-    `gateway.upstream.AiohttpResponse`)."""
+    """An ASGI response that streams an already opened upstream response (httpx's,
+    `gateway.upstream.AiohttpResponse` or `gateway.h1.H1Response`)."""
 
-    def __init__(self, upstream: Any, model: str, request_id: str,
+    def __init__(self, upstream: UpstreamResponse, model: str, request_id: str,
                  retry_after: int) -> None:
         self.upstream = upstream
         self.model = model
@@ -120,7 +121,9 @@ class RelayResponse(Response):
             await self._broken(send, state, exc)
             return
         except Exception as exc:
-            mapped = self.upstream.map_error(exc) if readany is not None else None
+            map_error: Callable[[BaseException], httpx.HTTPError | None] | None = getattr(
+                self.upstream, "map_error", None)
+            mapped = map_error(exc) if map_error is not None else None
             if mapped is None:
                 raise
             await self._broken(send, state, mapped)

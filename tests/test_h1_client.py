@@ -14,6 +14,10 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
+
+from gateway.h1 import H1Client
+from gateway.settings import GatewaySettings
+from gateway.upstream import Upstreams
 from test_upstream_client import (  # noqa: F401  (re-run here with the h1 client)
     Upstream,
     send,
@@ -28,10 +32,6 @@ from test_upstream_client import (  # noqa: F401  (re-run here with the h1 clien
     test_server_closing_before_answering_is_a_protocol_error,
     test_stream_broken_midway_raises_an_httpx_error,
 )
-
-from gateway.h1 import H1Client
-from gateway.settings import GatewaySettings
-from gateway.upstream import Upstreams
 
 pytestmark = [pytest.mark.gateway, pytest.mark.anyio]
 
