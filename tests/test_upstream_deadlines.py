@@ -288,3 +288,34 @@ async def test_through_the_gateway_a_broken_stream_ends_with_an_openai_error_eve
     error = json.loads(events[-1].removeprefix("data: "))["error"]
     assert error["code"] == 502 and "broke off" in error["message"]
     assert took < READ + MARGIN
+
+
+# -- listings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_a_listing_never_waits_on_bad_upstreams_longer_than_health_timeout(
+        kind: str) -> None:
+    from fleet.registry import parse_registry
+    from gateway.app import create_app
+
+    bad = [answering(),                                                  # stalls before a head
+           answering(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", b"ZZZZ\r\n\r\n"),
+           answering(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n", b"ok")]  # short body
+    health_timeout = 1.0
+    async with RawUpstream(bad[0]) as u0, RawUpstream(bad[1]) as u1, RawUpstream(bad[2]) as u2:
+        registry = parse_registry(f'[models.m]\nurl = ["{u0.url}", "{u1.url}", "{u2.url}"]\n'
+                                  f'[models.n]\nurl = "{u1.url}"\n')
+        app = create_app(registry, GatewaySettings(health_timeout=health_timeout,
+                                                   upstream_client=kind))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                for path in ("/v1/models", "/v1/models/m"):
+                    start = time.monotonic()
+                    r = await asyncio.wait_for(client.get(path), 30)
+                    took = time.monotonic() - start
+                    assert r.status_code == 200, r.text
+                    cards = r.json()["data"] if path == "/v1/models" else [r.json()]
+                    assert {c["state"] for c in cards} <= {"unreachable", "unhealthy"}
+                    assert took < health_timeout + 1.5, (path, took)  # not one per replica
