@@ -258,8 +258,8 @@ class H1Client:
         line = self._heads.get(key)
         if line is None:
             target = self._prefix + path + (f"?{params}" if params else "")
-            line = (f"{method} {target} HTTP/1.1\r\nhost: ".encode("latin-1")
-                    + self._host_header + b"\r\n")
+            # the query as Starlette decoded it (UTF-8): the bytes the client sent
+            line = f"{method} {target} HTTP/1.1\r\nhost: ".encode() + self._host_header + b"\r\n"
             if len(self._heads) < 256:
                 self._heads[key] = line
         parts = [line]

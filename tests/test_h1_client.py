@@ -144,3 +144,16 @@ async def test_bodies_framed_every_way_are_read_whole(client, answer: bytes, bod
             assert await resp.aread() == body
             await resp.aclose()
         assert up.connections == (1 if reused else 2)
+
+
+async def test_a_query_goes_out_byte_for_byte(client) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await up.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with Upstream(echo) as up:
+        resp = await send(client(up.url), params="q=caf\u00e9&x=%20\u4e2d")
+        await resp.aclose()
+    assert up.requests[0].split(b"\r\n")[0] == (
+        "POST /v1/chat/completions?q=caf\u00e9&x=%20\u4e2d HTTP/1.1".encode())
