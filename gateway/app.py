@@ -27,6 +27,7 @@ from gateway import auth
 from gateway.admin import Admin
 from gateway.admit import FleetAdmitter
 from gateway.background import Background
+from gateway.fastpath import GatewayApp
 from gateway.listing import Listing
 from gateway.middleware import AccessMeter, RequestIdMiddleware, error_handlers
 from gateway.ports import Admitter, FleetOpener
@@ -98,7 +99,7 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
         finally:
             await runtime.upstreams.aclose()
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=error_handlers(meter))
+    app = GatewayApp(routes=routes, lifespan=lifespan, exception_handlers=error_handlers(meter))
     app.router.redirect_slashes = False  # a redirect would expose routes to path tricks
     # Outermost last: CORS (answers preflights, decorates every answer) > request id > keys.
     app.add_middleware(auth.AccessMiddleware, access=access, on_reject=meter.rejected)
@@ -107,5 +108,8 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id"])
+    else:  # POST to a model endpoint: the same middlewares, without Starlette's stack
+        app.lean(MODEL_ENDPOINTS, proxy.by_body, lambda endpoint: RequestIdMiddleware(
+            auth.AccessMiddleware(endpoint, access=access, on_reject=meter.rejected)))
     app.state.gateway = runtime
     return app
