@@ -53,6 +53,7 @@ from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any
 
+from fleet.placement import assign_replica_cpusets
 from fleet.registry import ModelSpec, Registry
 
 LABEL_MANAGED = "io.vllm-fleet.managed"
@@ -67,6 +68,10 @@ MODELS_TARGET = "/models"
 # Variables whose values are secrets: copied from the caller's environment at create time,
 # never stored in the registry, the spec, labels or compose.yaml.
 SECRET_ENV = ("HF_TOKEN",)
+# Bounded container logs (Docker's json-file driver): the same for containers the fleet
+# creates and for compose's services, so a chatty server never fills the disk.
+LOG_DRIVER = "json-file"
+LOG_OPTIONS: Mapping[str, str] = {"max-size": "20m", "max-file": "3"}
 _REFUSED_ENV = frozenset({*SECRET_ENV, "HUGGING_FACE_HUB_TOKEN"})
 SLEEP_MODE_ENV = "VLLM_SERVER_DEV_MODE"
 
@@ -289,6 +294,7 @@ def docker_run_kwargs(
         "ipc_mode": spec.ipc_mode,
         "healthcheck": dict(spec.healthcheck),
         "cpuset_cpus": spec.cpuset_cpus,
+        "log_config": {"type": LOG_DRIVER, "config": dict(LOG_OPTIONS)},
         "detach": True,
     }
     return {k: v for k, v in kwargs.items() if v is not None}
@@ -364,3 +370,22 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     return value
+
+
+def replica_specs(registry: Registry, *, name_prefix: str = DEFAULT_NAME_PREFIX,
+                  ) -> dict[str, tuple[ContainerSpec, ...]]:
+    """The container spec of every replica slot of every managed model, pinned with
+    `assign_replica_cpusets` over all of them: the one set of specs both the fleet and
+    compose.yaml are made from."""
+    managed = [n for n, m in registry.models.items() if m.managed]
+    cpusets = assign_replica_cpusets(registry, managed)
+    return {n: tuple(container_spec(registry, n, replica=i, cpuset=cpusets.get((n, i)),
+                                    name_prefix=name_prefix)
+                     for i in range(registry.models[n].replica_slots))
+            for n in managed}
+
+
+def fleet_specs(registry: Registry, *,
+                name_prefix: str = DEFAULT_NAME_PREFIX) -> dict[str, ContainerSpec]:
+    """Replica 0's container spec of every managed model (see `replica_specs`)."""
+    return {n: specs[0] for n, specs in replica_specs(registry, name_prefix=name_prefix).items()}

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import anyio
 
+from fleet.errors import ModelsBusy
 from gateway import errors
 
 log = logging.getLogger("gateway.activation")
@@ -77,13 +78,11 @@ class Activator:
                 return
             except Exception as exc:  # the fleet's errors carry the reason to show
                 reason = str(exc).strip() or type(exc).__name__
-                busy = any(getattr(v, "kind", "") == "busy"
-                           for v in getattr(exc, "violations", ()))
-                if busy and self.clock() + self.drain_poll < deadline:
+                if isinstance(exc, ModelsBusy) and self.clock() + self.drain_poll < deadline:
                     await asyncio.sleep(self.drain_poll)  # let the models in the way drain
                     continue
                 log.warning("activation of %s failed: %s", model, reason)
-                kind = ("the models in its way are busy" if busy else
+                kind = ("the models in its way are busy" if isinstance(exc, ModelsBusy) else
                         "the fleet's planner refused it" if getattr(exc, "violations", None)
                         else None)
                 raise errors.activation_failed(model, self.timeout, reason, self.retry_after,

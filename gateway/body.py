@@ -114,7 +114,7 @@ async def read_body(request: Request, limit: int, hold: Hold | None = None) -> b
                 counted.take(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
-        raise errors.client_gone(getattr(request.state, "request_id", "-")) from None
+        raise errors.upload_abandoned(getattr(request.state, "request_id", "-")) from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

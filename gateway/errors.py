@@ -200,8 +200,9 @@ def activation_failed(model: str, timeout: float, reason: str, retry_after: int,
                         internal=f"activation of model {model} failed: {reason}")
 
 
-def client_gone(request_id: str) -> GatewayError:
-    """The client closed the connection before its request was read (nobody sees this)."""
+def upload_abandoned(request_id: str) -> GatewayError:
+    """The client closed the connection before its request body was read (nobody sees this:
+    it is what the access log and the metrics record, 499)."""
     return GatewayError(499, f"The client closed the connection before the request body was "
                              f"read (request id {request_id}).", err_type="ClientClosedRequest")
 
@@ -218,3 +219,11 @@ def method_not_allowed(method: str, path: str) -> GatewayError:
 def internal_error(request_id: str) -> GatewayError:
     return GatewayError(500, f"The gateway failed to handle this request (request id "
                              f"{request_id}); this is a bug, please report it with the id.")
+
+
+def client_gone(model: str) -> GatewayError:
+    """The client went away before its answer started (nobody reads this one: it is what
+    the access log and the metrics record, 499 as nginx names it)."""
+    return GatewayError(499, f"The client closed the request to model `{model}` before its "
+                             f"answer started; its place in line and its upstream request "
+                             f"were dropped.", err_type="ClientClosedRequest")

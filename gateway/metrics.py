@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,7 +43,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway.balancer import Balancer, Instance
-from gateway.limits import Admission
+
+if TYPE_CHECKING:
+    from gateway.state import LoadFigures
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -57,7 +59,7 @@ class LiveFigures(Protocol):
     """Per-model figures of one routing state (gateway/state.py's RoutingState)."""
 
     @property
-    def admission(self) -> Mapping[str, Admission]: ...
+    def admission(self) -> Mapping[str, LoadFigures]: ...
 
     @property
     def instances(self) -> Mapping[str, Sequence[Instance]]: ...
@@ -108,6 +110,9 @@ class GatewayMetrics:
                               ["model"], registry=r)
         self.reloads = Counter("gateway_reloads", "Registry reloads by outcome", ["outcome"],
                                registry=r)
+        self.abandoned = Counter("gateway_abandoned_requests",
+                                 "Requests whose client left before the answer started (499)",
+                                 ["model"], registry=r)
         self._requests: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
         self._ttfts: dict[str, Any] = {}
@@ -121,6 +126,8 @@ class GatewayMetrics:
         if child is None:
             child = self._requests[key] = self.requests.labels(model, str(status))
         child.inc()
+        if status == 499:
+            self.abandoned.labels(model).inc()
         hist = self._durations.get(model)
         if hist is None:
             hist = self._durations[model] = self.duration.labels(model)

@@ -41,11 +41,11 @@ class GatewaySettings(BaseSettings):
         default=4.0, gt=0,
         description="idle pooled connections are dropped after this; below vLLM's 5 s "
                     "keep-alive so a connection is never reused just as vLLM closes it")
-    upstream_client: Literal["aiohttp", "httpx"] = Field(
+    upstream_client: Literal["aiohttp", "httpx", "h1"] = Field(
         default="httpx",
-        description="HTTP client to the upstreams. `python -m gateway` uses aiohttp (about 4x "
-                    "less CPU per streamed request) unless this is set; the library default "
-                    "stays httpx so respx-mocked apps work")
+        description="HTTP client to the upstreams. `python -m gateway` uses h1 (the gateway's "
+                    "own, gateway/h1.py; https models get aiohttp) unless this is set; the "
+                    "library default stays httpx so respx-mocked apps work")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1,
                                 description="largest request body accepted (then 413)")
     # Limits on the way in (gateway/server.py, gateway/body.py): what one client may make the
@@ -96,6 +96,18 @@ class GatewaySettings(BaseSettings):
     idle_check_interval: float = Field(default=5.0, gt=0, description="idle ttl check period")
     probe_interval: float = Field(default=2.0, gt=0, description="re-probe ejected replicas")
     autoscale_interval: float = Field(default=5.0, gt=0, description="autoscaling sample period")
+    # The scheduler (gateway/scheduler/): who holds the GPUs or cores, who waits, who drains.
+    scheduler: Literal["fair", "drain-wait"] = Field(
+        default="fair", description="fair: models take turns (drain after a quantum, longest "
+        "wait next); drain-wait: the old behaviour (a switch waits for idleness), kept to compare")
+    quantum_floor: float = Field(
+        default=5.0, gt=0, description="least seconds a model keeps the resource while rivals wait")
+    switch_share: float = Field(
+        default=0.2, gt=0, lt=1, description="quantum = switch cost x (1-share)/share: switching "
+        "takes at most this share of the time")
+    observe_interval: float = Field(
+        default=5.0, gt=0, description="seconds between reads of the fleet's state (sees `fleet "
+        "switch` from the host)")
     sleep_check_interval: float = Field(
         default=1.0, ge=0, description="how long an /is_sleeping answer is trusted")
 

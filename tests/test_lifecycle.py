@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from fleet.engine import DockerUnreachable, NoGpuRuntime
+from fleet.errors import (
+    DockerUnreachable,
+    Interrupted,
+    NoGpuRuntime,
+    PlacementRefused,
+    ScaleOutOfRange,
+    StartFailed,
+    UnknownModel,
+)
 from fleet.lifecycle import Fleet
-from fleet.report import Interrupted, PlacementRefused, ScaleOutOfRange, StartFailed, UnknownModel
 from support.fleet_fakes import REPLICA_TOML, FakeWorld, make_fleet, make_registry, spec_hash_of
 
 pytestmark = pytest.mark.unit
@@ -73,7 +80,7 @@ def test_extra_labels_scope_what_the_fleet_sees_and_creates(world: FakeWorld,
     fleet = make_fleet(world, make_registry(), tmp_path, extra_labels={"io.vllm-fleet.test": "r1"})
     world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"))  # not in scope
     assert states(fleet)["a"] == "absent"
-    kwargs = fleet.run_kwargs("b")
+    kwargs = fleet.actor.run_kwargs("b")
     assert kwargs["labels"]["io.vllm-fleet.test"] == "r1"
     assert kwargs["labels"]["io.vllm-fleet.spec-hash"] == spec_hash_of(fleet, "b")
 
@@ -359,7 +366,29 @@ def test_a_configured_network_wins(world: FakeWorld, tmp_path: Path) -> None:
                         networks=("proj_default",))
     fleet.switch("c")
     assert world.by_model("c")[0].kwargs["networking_config"] == {"fleetnet": {"Aliases": ["vllm-c"]}}
-    assert "network" not in make_fleet(FakeWorld(), make_registry(), tmp_path).run_kwargs("a")
+    assert "network" not in make_fleet(FakeWorld(), make_registry(), tmp_path).actor.run_kwargs("a")
+
+
+def test_containers_made_on_a_compose_network_join_its_project(fleet: Fleet,
+                                                                world: FakeWorld) -> None:
+    # made by `docker compose up`: the project label; `docker compose down` must remove the
+    # container the fleet adds to it, so the new one carries the project's labels
+    world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"),
+                        networks=("proj",), labels={"com.docker.compose.project": "proj"})
+    fleet.switch("c")
+    (c,) = world.by_model("c")
+    assert c.labels["com.docker.compose.project"] == "proj"
+    assert c.labels["com.docker.compose.service"] == "vllm-c"
+    assert c.labels["com.docker.compose.oneoff"] == "False"
+
+
+def test_a_configured_compose_project_labels_what_the_fleet_creates(
+        world: FakeWorld, tmp_path: Path) -> None:
+    # the compose gateway's fleet: no autostart peer to learn the project from
+    fleet = make_fleet(world, make_registry(), tmp_path, network="proj", compose_project="proj")
+    assert fleet.run_kwargs("c")["labels"]["com.docker.compose.project"] == "proj"
+    plain = make_fleet(FakeWorld(), make_registry(), tmp_path, network="net")
+    assert "com.docker.compose.project" not in plain.run_kwargs("c")["labels"]
 
 
 # -- replicas ------------------------------------------------------------------------------
@@ -576,7 +605,7 @@ def test_logs_of_a_replica(rfleet: Fleet, world: FakeWorld) -> None:
 
 
 def test_switch_refuses_before_evicting_when_the_target_image_is_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from fleet.engine import ImageMissing
+    from fleet.errors import ImageMissing
 
     world = FakeWorld()
     fleet = make_fleet(world, make_registry(), tmp_path)

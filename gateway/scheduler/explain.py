@@ -68,3 +68,41 @@ def timed_out(core: SchedulerCore, m: _Model, req: _Request, position: int,
     return 503, (f"Model `{name}` did not get its turn within {waited:.0f} s (position "
                  f"{position} of {len(m.queue)} waiting for it): {why}. Estimated wait "
                  f"{estimate(core, name, now):.0f} s; retry later.")
+
+
+def snapshot(core: SchedulerCore, now: float) -> dict[str, object]:
+    """The scheduler as `/admin/status`, `fleet status --gateway` and the dashboard show it:
+    per model its state, queue, oldest wait, time resident, quantum left while a rival waits,
+    why it drains; the last switches; the measured switch costs; time spent switching."""
+    candidates = core._candidates(now)
+    rival = candidates[0] if candidates else None
+    models: dict[str, object] = {}
+    for name, m in core.models.items():
+        entry: dict[str, object] = {
+            "state": str(m.state), "shared": m.policy.shared, "in_flight": m.in_flight,
+            "queued": len(m.queue),
+            "oldest_wait": round(now - m.oldest(), 3) if m.queue else None,
+            "resident_for": round(now - m.resident_since, 3) if m.state.holds else None,
+            "pinned": m.policy.pinned, "priority": m.policy.priority,
+        }
+        if rival is not None and m.state is Residency.AWAKE and m.policy.shared \
+                and not m.policy.pinned:
+            left = m.resident_since + core.quantum(m, rival) - now
+            entry["quantum_left"] = round(max(0.0, left), 3)
+            entry["rival"] = rival.policy.name
+        if m.state is Residency.DRAINING:
+            entry["draining_because"] = m.drain_reason
+        if m.policy.ttl is not None and m.state is Residency.AWAKE and not m.in_flight:
+            entry["ttl_left"] = round(max(0.0, max(m.last_done, m.resident_since)
+                                          + m.policy.ttl - now), 3)
+        models[name] = entry
+    return {
+        "policy": core.config.policy,
+        "switching": core.op[1] if core.op else None,
+        "models": models,
+        "switches": list(core.history),
+        "switch_costs": core.costs.measured(),
+        "switches_total": dict(core.switches),
+        "switching_seconds": round(core.switching_seconds, 3),
+        "resident_seconds": {k: round(v, 3) for k, v in core.resident_seconds.items()},
+    }

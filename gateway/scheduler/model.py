@@ -61,6 +61,23 @@ class _Model:
     def oldest(self) -> float:
         return next(iter(self.queue.values())).arrived
 
+    # The figures the rest of the gateway reads (the same names as gateway.limits.Admission).
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    @property
+    def last_used(self) -> float:
+        return max(self.last_demand, self.last_done, 0.0)
+
+    @property
+    def max_concurrency(self) -> int | None:
+        return self.policy.max_concurrency
+
+    @property
+    def max_queue(self) -> int:
+        return self.policy.max_queue
+
     def has_room(self) -> bool:
         limit = self.policy.max_concurrency
         return limit is None or self.in_flight < limit
