@@ -37,6 +37,7 @@ from gateway.runtime import Runtime
 from gateway.scheduler.metrics import SchedulerMetrics
 from gateway.scheduler.runtime import Scheduler
 from gateway.settings import GatewaySettings
+from gateway.sleepcheck import SleepCheck
 from gateway.upstream import TransportFactory
 
 __all__ = ["MODEL_ENDPOINTS", "create_app"]
@@ -71,6 +72,7 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     if settings.scheduler == "fair":
         scheduler = Scheduler(settings, runtime.state, lambda: runtime.activator, runtime.clock)
         runtime.use_scheduler(scheduler)
+        scheduler.sleep_check = SleepCheck(runtime.upstreams, settings, runtime.clock)
         scheduler.on_action = SchedulerMetrics(runtime.metrics.registry, lambda: scheduler.core,
                                                runtime.clock).on_action
         admitter = scheduler

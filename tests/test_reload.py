@@ -34,7 +34,8 @@ class Fleet:
         self.lock = threading.Lock()
         self.calls: list[tuple[str, str]] = []
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> None:
         with self.lock:
             self.calls.append(("ensure_awake", model))
 
