@@ -1,0 +1,306 @@
+"""`GatewaySource`: the dashboard's figures from what the gateway has today.
+
+- per model: the gateway's admission (in flight, queued, oldest wait, limits), replicas
+  (outstanding, ejected), the activator (activating, put to sleep), idle ttl, and the fleet's
+  status rows (container state, health, port, uptime);
+- capacity bars from the registry's host inventory and the awake models (`capacity.py`);
+- the last switches from a `SwitchHistory` fed by `RecordingFleet` (`history.py`);
+- request series sampled from the gateway's Prometheus metrics (`series.py`);
+- log lines through the fleet client's `logs` (the fleet's `docker logs`).
+
+The fleet's status probes Docker and every model's /health, so it is never asked on the
+request of a page: a background refresh keeps a copy at most `fleet_max_age` seconds old
+while someone watches, and the page shows its age and any error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import anyio
+
+from gateway import errors
+from gateway.auth import Principal
+from gateway.balancer import Balancer, Instance
+from gateway.limits import Admission
+from gateway.metrics import GatewayMetrics
+from gateway.routing import RoutingTable
+from gateway.ui.capacity import capacity_bars
+from gateway.ui.history import SwitchHistory
+from gateway.ui.series import Reading, Sampler, readings
+from gateway.ui.snapshot import ModelState, ModelView, ReplicaView, Snapshot, SwitchView
+from gateway.ui.source import LogLines
+
+FLEET_STATUS_TIMEOUT = 15.0  # seconds: the fleet probes Docker and every model's /health
+LOGS_TIMEOUT = 10.0
+MAX_LOG_LINES = 1000
+AWAKE_ROWS = frozenset({"healthy", "running"})
+
+
+class ActivatorView(Protocol):
+    """What the source reads of the gateway's activator."""
+
+    fleet: Any
+    asleep: set[str]
+
+    def pending(self, model: str) -> bool: ...
+
+
+class RoutingFigures(Protocol):
+    """One routing state: the table and each model's replicas, admission and idle ttl."""
+
+    @property
+    def table(self) -> RoutingTable: ...
+
+    @property
+    def admission(self) -> Mapping[str, Admission]: ...
+
+    @property
+    def instances(self) -> Mapping[str, Sequence[Instance]]: ...
+
+    @property
+    def ttl(self) -> Mapping[str, float]: ...
+
+
+class GatewayFigures(Protocol):
+    """What the source reads of the gateway (its runtime): the routing state in force, the
+    balancer, the activator, the metrics, and how long a model has been idle."""
+
+    @property
+    def state(self) -> RoutingFigures: ...
+
+    @property
+    def balancer(self) -> Balancer: ...
+
+    @property
+    def activator(self) -> ActivatorView | None: ...
+
+    @property
+    def metrics(self) -> GatewayMetrics: ...
+
+    def idle_for(self, model: str) -> float | None: ...
+
+
+def metric_readings(metrics: GatewayMetrics) -> dict[str, Reading]:
+    """Per model cumulative requests, errors and time-to-first-chunk from the app's metrics."""
+    requests: list[tuple[str, str, float]] = []
+    for family in metrics.requests.collect():
+        for s in family.samples:
+            if s.name.endswith("_total"):
+                requests.append((s.labels["model"], s.labels["status"], s.value))
+    ttft: dict[str, list[float]] = {}
+    for family in metrics.ttft.collect():
+        for s in family.samples:
+            row = ttft.setdefault(s.labels.get("model", ""), [0.0, 0.0])
+            if s.name.endswith("_sum"):
+                row[0] = s.value
+            elif s.name.endswith("_count"):
+                row[1] = s.value
+    return readings(requests, ((m, r[0], r[1]) for m, r in ttft.items()))
+
+
+class FleetStatusCache:
+    """The fleet's status rows, refreshed in the background while they are asked for."""
+
+    def __init__(self, max_age: float = 2.0, timeout: float = FLEET_STATUS_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age = max_age
+        self.timeout = timeout
+        self.clock = clock
+        self.rows: list[dict[str, Any]] | None = None
+        self.error: str | None = None
+        self.taken_at = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+
+    async def get(self, fleet: Any, first_wait: float = 2.0) -> tuple[list[dict[str, Any]] | None,
+                                                                        str | None]:
+        """The rows and the last error; starts a refresh when they are older than max_age
+        (waiting up to `first_wait` s for the very first one)."""
+        status = getattr(fleet, "status", None)
+        if status is None:
+            return None, None
+        if self.clock() - self.taken_at >= self.max_age and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._refresh(status))
+        if self.rows is None and self.error is None and self._task is not None:
+            with anyio.move_on_after(first_wait):
+                await asyncio.shield(self._task)
+        return self.rows, self.error
+
+    async def _refresh(self, status: Callable[[], Sequence[Any]]) -> None:
+        try:
+            with anyio.fail_after(self.timeout):
+                rows = await anyio.to_thread.run_sync(status, abandon_on_cancel=True)
+            self.rows = [r.as_dict() if hasattr(r, "as_dict") else dict(r) for r in rows]
+            self.error = None
+        except TimeoutError:
+            self.error = f"the fleet did not answer within {self.timeout:g} s"
+        except Exception as exc:  # noqa: BLE001 (Docker unreachable...: shown, never raised)
+            self.error = f"the fleet's status failed: {str(exc).strip() or type(exc).__name__}"
+        finally:
+            self.taken_at = self.clock()
+            self._task = None
+
+
+class GatewaySource:
+    """A `DashboardSource` over one gateway."""
+
+    def __init__(self, gateway: GatewayFigures, history: SwitchHistory | None = None, *,
+                 sample_interval: float = 2.0, sample_points: int = 90,
+                 fleet_max_age: float = 2.0, wall: Callable[[], float] = time.time) -> None:
+        self.gw = gateway
+        self.history = history or SwitchHistory()
+        self.sampler = Sampler(lambda: metric_readings(gateway.metrics),
+                               interval=sample_interval, points=sample_points)
+        self.fleet_status = FleetStatusCache(max_age=fleet_max_age)
+        self.wall = wall
+
+    async def snapshot(self, principal: Principal | None) -> Snapshot:
+        gw = self.gw
+        st, activator = gw.state, gw.activator  # one routing state for the whole snapshot
+        table, admission, registry = st.table, st.admission, st.table.registry
+
+        def visible(name: str) -> bool:
+            spec = registry.models.get(name)
+            return principal is None or principal.may_use(
+                name, spec.aliases if spec is not None else ())
+
+        rows, fleet_error = (None, None)
+        if activator is not None:
+            rows, fleet_error = await self.fleet_status.get(activator.fleet)
+        by_model: dict[str, dict[int, dict[str, Any]]] = {}
+        for row in rows or ():
+            by_model.setdefault(str(row.get("name")), {})[int(row.get("replica") or 0)] = row
+        now = self.wall()
+        self.sampler.sample(now)
+        models: list[ModelView] = []
+        states: dict[str, str] = {}
+        awake_count: dict[str, int] = {}
+        for name, route in table.routes.items():
+            spec = registry.models[name]
+            fleet_rows = by_model.get(name, {})
+            state = self._state(name, route.managed, fleet_rows, activator, rows is not None)
+            states[name] = state
+            awake_count[name] = sum(r.get("state") in AWAKE_ROWS | {"loading"}
+                                    for r in fleet_rows.values())
+            if not visible(name):
+                continue
+            adm = admission.get(name)
+            models.append(ModelView(
+                name=name, state=state, managed=route.managed, description=spec.description,
+                aliases=tuple(spec.aliases), tags=tuple(spec.tags),
+                replicas=self._replicas(st.instances.get(name, ()), fleet_rows),
+                in_flight=adm.in_flight if adm else 0, queued=adm.waiting if adm else 0,
+                oldest_wait=_round(adm.oldest_wait()) if adm else None,
+                time_resident=_round(max((float(r["uptime"]) for r in fleet_rows.values()
+                                          if r.get("state") in AWAKE_ROWS
+                                          and r.get("uptime") is not None), default=None)),
+                ttl=st.ttl.get(name), ttl_left=self._ttl_left(name, st.ttl.get(name), state),
+                max_concurrency=adm.max_concurrency if adm else spec.max_concurrency,
+                max_queue=adm.max_queue if adm else spec.max_queue,
+                gpus=tuple(spec.gpus),
+                gpu_fraction=registry.gpu_fraction(spec) if spec.managed and spec.gpus else None,
+                cpus=registry.cpus(spec) if spec.managed else None,
+                detail="; ".join(str(r["detail"]) for r in fleet_rows.values()
+                                 if r.get("detail"))))
+        names = [m.name for m in models]
+        return Snapshot(
+            generated_at=now, registry_source=registry.source, models=tuple(models),
+            capacity=capacity_bars(registry, states, awake_count, visible),
+            switches=tuple(self._switches(visible)),
+            series=self.sampler.view(names), activation=activator is not None,
+            fleet_error=fleet_error)
+
+    @staticmethod
+    def _state(name: str, managed: bool, rows: Mapping[int, Mapping[str, Any]],
+               activator: ActivatorView | None, observed: bool) -> ModelState:
+        if not managed:
+            return "remote"
+        if activator is not None and activator.pending(name):
+            return "activating"
+        seen = {str(r.get("state")) for r in rows.values()}
+        if seen & AWAKE_ROWS:
+            return "awake"
+        if "loading" in seen:
+            return "activating"
+        if "sleeping" in seen or (activator is not None and name in activator.asleep):
+            return "asleep"
+        if observed:
+            return "stopped"
+        return "unknown"
+
+    def _ttl_left(self, name: str, ttl: float | None, state: str) -> float | None:
+        if ttl is None or state != "awake":
+            return None
+        idle = self.gw.idle_for(name)
+        return None if idle is None else _round(max(ttl - idle, 0.0))
+
+    def _replicas(self, instances: Sequence[Instance],
+                  rows: Mapping[int, Mapping[str, Any]]) -> tuple[ReplicaView, ...]:
+        out = []
+        for inst in instances:
+            row = rows.get(inst.index, {})
+            parts = urlsplit(inst.base_url)
+            out.append(ReplicaView(
+                index=inst.index, url=inst.base_url, node=parts.hostname,
+                port=row.get("port") or parts.port, state=str(row.get("state", "-")),
+                health=str(row.get("health", "-")), outstanding=inst.outstanding,
+                ejected=not self.gw.balancer.available(inst),
+                uptime=_round(row.get("uptime")), detail=inst.last_error or ""))
+        return tuple(out)
+
+    def _switches(self, visible: Callable[[str], bool], n: int = 20) -> list[SwitchView]:
+        out = []
+        for record in self.history.newest():
+            if not visible(record.model):
+                continue
+            actions = tuple(a if visible(a.model) else type(a)("other", a.action, a.seconds)
+                            for a in record.actions)
+            reason = record.reason
+            if any(not visible(a.model) for a in record.actions) and record.outcome == "ok":
+                reason = ""  # it may name models this viewer may not see
+            out.append(SwitchView(record.model, record.operation, record.at, record.outcome,
+                                  record.seconds, reason, dict(record.timings), actions))
+            if len(out) >= n:
+                break
+        return out
+
+    async def log_lines(self, model: str, n: int, replica: int = 0) -> LogLines:
+        table, activator = self.gw.state.table, self.gw.activator
+        route = table.resolve(model)
+        if route is None:
+            raise errors.unknown_model(model, table.names())
+        if not route.managed:
+            raise errors.GatewayError(
+                400, f"Model `{route.model}` is a remote server (`url` in the registry): the "
+                     f"fleet does not run it, so it has no logs here.", param="model")
+        logs = getattr(activator.fleet, "logs", None) if activator is not None else None
+        if logs is None:
+            raise errors.GatewayError(
+                409, "This gateway has no fleet client that reads logs: start it with "
+                     "activation on (GATEWAY_ACTIVATION=true) and Docker reachable, or use "
+                     f"`fleet logs {route.model}`.", err_type="ConflictError")
+        n = max(1, min(n, MAX_LOG_LINES))
+        try:
+            with anyio.fail_after(LOGS_TIMEOUT):
+                text = await anyio.to_thread.run_sync(
+                    lambda: logs(route.model, tail=n, replica=replica), abandon_on_cancel=True)
+        except TimeoutError:
+            raise errors.GatewayError(
+                503, f"The fleet did not return the logs of `{route.model}` within "
+                     f"{LOGS_TIMEOUT:g} s.") from None
+        except Exception as exc:  # noqa: BLE001 (any fleet failure becomes the 503's reason)
+            raise errors.GatewayError(
+                503, f"The fleet could not read the logs of `{route.model}` (replica "
+                     f"{replica}): {str(exc).strip() or type(exc).__name__}") from None
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        lines = str(text).splitlines() if not isinstance(text, list) else [str(x) for x in text]
+        return LogLines(route.model, replica, tuple(lines[-n:]))
+
+
+def _round(value: Any) -> float | None:
+    return None if value is None else round(float(value), 1)
