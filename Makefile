@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := REQUIRE_ALL_TIERS=1 $(PY) -m pytest
 
-.PHONY: demo demo-down test unit venv docker images vllm-image models
+.PHONY: demo demo-down test unit venv docker images vllm-image models browser
 
 $(VENV)/.installed: pyproject.toml
 	@echo "== python env: $(VENV) (project + test dependencies)" >&2
@@ -30,7 +30,10 @@ vllm-image: images
 models: vllm-image
 	@$(PY) scripts/make_tiny_models.py
 
-test: venv docker images vllm-image models
+browser:
+	@bash scripts/install-browser.sh
+
+test: venv docker images vllm-image models browser
 	$(PYTEST)
 
 unit: venv

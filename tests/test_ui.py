@@ -375,7 +375,8 @@ async def test_states_replicas_residency_and_ttl_from_the_fleet_and_the_gateway(
     snap = await source.snapshot(None)
     by = {m.name: m for m in snap.models}
     assert (by["a"].state, by["b"].state, by["r"].state) == ("awake", "stopped", "remote")
-    assert by["a"].time_resident == 42.0 and by["b"].time_resident is None
+    assert by["a"].time_resident == pytest.approx(42.0, abs=1.0)  # + the rows' age
+    assert by["b"].time_resident is None
     assert by["a"].ttl == 300 and by["a"].ttl_left == 200.0
     assert by["a"].aliases == ("alpha",) and by["a"].cpus == 1
     assert by["a"].replicas[0].port == 9500 and by["a"].replicas[0].state == "healthy"
@@ -393,13 +394,34 @@ async def test_states_replicas_residency_and_ttl_from_the_fleet_and_the_gateway(
     assert by["a"].ttl_left is None
 
 
+async def test_a_finished_switch_is_never_shown_from_rows_read_before_it(
+        runtime: Runtime) -> None:
+    fleet = runtime.activator.fleet  # type: ignore[union-attr]
+    fleet.rows = rows(("a", "healthy", 5.0), ("b", "stopped", None))
+    history = SwitchHistory()
+    source = GatewaySource(runtime, history, fleet_max_age=3600)
+    assert {m.name: m.state for m in (await source.snapshot(None)).models}["b"] == "stopped"
+    fleet.rows = rows(("a", "stopped", None), ("b", "healthy", 0.5))
+    assert {m.name: m.state for m in (await source.snapshot(None)).models}["b"] == "stopped"
+    RecordingFleet(fleet, history).ensure_awake("b")  # the switch ends: rows are outdated
+    snap = await source.snapshot(None)
+    assert {m.name: m.state for m in snap.models} == {"a": "stopped", "b": "awake",
+                                                       "r": "remote"}
+
+
 async def test_without_a_fleet_managed_models_are_unknown_and_a_failing_fleet_is_reported(
         runtime: Runtime) -> None:
     fleet = runtime.activator.fleet  # type: ignore[union-attr]
     fleet.fail_status = RuntimeError("Cannot connect to the Docker daemon")
+    runtime.activator.asleep.add("b")  # type: ignore[union-attr]
     snap = await GatewaySource(runtime).snapshot(None)
     assert snap.fleet_error is not None and "Docker daemon" in snap.fleet_error
-    assert {m.name: m.state for m in snap.models}["a"] == "unknown"
+    assert {m.name: m.state for m in snap.models} == {"a": "unknown", "b": "asleep",
+                                                       "r": "remote"}
+    fleet.fail_status = None  # rows say stopped: they win over the gateway's memory of a sleep
+    fleet.rows = rows(("a", "stopped", None), ("b", "stopped", None))
+    snap = await GatewaySource(runtime).snapshot(None)
+    assert {m.name: m.state for m in snap.models}["b"] == "stopped"
     runtime.activator = None
     snap = await GatewaySource(runtime).snapshot(None)
     assert snap.activation is False and {m.name: m.state for m in snap.models}["b"] == "unknown"
@@ -506,7 +528,7 @@ def test_recording_fleet_keeps_timings_evictions_and_errors() -> None:
     fleet = RecordingFleet(FakeFleet(), history)
     fleet.ensure_awake("b", timeout=5)
     record = history.newest()[0]
-    assert (record.model, record.operation, record.outcome) == ("b", "activation", "ok")
+    assert (record.model, record.operation, record.outcome) == ("b", "switch", "ok")
     assert record.timings == {"evict": 0.5, "start": 0.2, "healthy": 1.8, "total": 2.5}
     assert record.reason == "made room: stop a"
     assert [(a.model, a.action) for a in record.actions] == [("a", "stop"), ("b", "start")]
@@ -529,7 +551,7 @@ def test_recording_fleet_keeps_timings_evictions_and_errors() -> None:
     newest = history.newest()
     assert [(r.operation, r.outcome, r.reason) for r in newest] == [
         ("wake", "failed", "RuntimeError"), ("activation", "busy", "a has 2 requests in flight"),
-        ("activation", "ok", "made room: stop a")]
+        ("switch", "ok", "made room: stop a")]
     failing.sleep("b")
     assert len(history.newest()) == 3 and history.newest(1)[0].operation == "sleep"
     assert fleet.status() == []  # everything else passes through

@@ -45,6 +45,7 @@ class SwitchHistory:
                                    str(getattr(a, "note", "") or ""),
                                    int(getattr(a, "replica", 0) or 0))
                         for a in getattr(report, "actions", ()) or ())
+        operation = str(getattr(report, "operation", "") or operation)  # the fleet's word
         view = SwitchView(model=model, operation=operation, at=self.wall(), outcome=outcome,
                           seconds=round(seconds, 3), reason=reason or _evicted(model, actions),
                           timings={str(k): round(float(v), 3) for k, v in timings.items()},

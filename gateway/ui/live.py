@@ -107,30 +107,41 @@ class FleetStatusCache:
     """The fleet's status rows, refreshed in the background while they are asked for."""
 
     def __init__(self, max_age: float = 2.0, timeout: float = FLEET_STATUS_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.max_age = max_age
         self.timeout = timeout
         self.clock = clock
+        self.wall = wall
         self.rows: list[dict[str, Any]] | None = None
         self.error: str | None = None
-        self.taken_at = float("-inf")
+        self.taken_at = float("-inf")    # monotonic time the rows arrived
+        self.asked_at = float("-inf")    # wall time the fleet was asked for them
         self._task: asyncio.Task[None] | None = None
 
-    async def get(self, fleet: Any, first_wait: float = 2.0) -> tuple[list[dict[str, Any]] | None,
-                                                                        str | None]:
-        """The rows and the last error; starts a refresh when they are older than max_age
-        (waiting up to `first_wait` s for the very first one)."""
+    def age(self) -> float:
+        """Seconds since the rows arrived."""
+        return max(self.clock() - self.taken_at, 0.0)
+
+    async def get(self, fleet: Any, changed_at: float = float("-inf"), wait: float = 2.0
+                  ) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """The rows and the last error. Starts a refresh when they are older than max_age, or
+        were asked for before `changed_at` (wall time of the last switch: the page must not
+        show a finished switch's model as stopped); waits up to `wait` s for that refresh
+        then, and for the very first rows."""
         status = getattr(fleet, "status", None)
         if status is None:
             return None, None
-        if self.clock() - self.taken_at >= self.max_age and self._task is None:
+        outdated = self.asked_at < changed_at
+        if (outdated or self.age() >= self.max_age) and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._refresh(status))
-        if self.rows is None and self.error is None and self._task is not None:
-            with anyio.move_on_after(first_wait):
+        if (outdated or (self.rows is None and self.error is None)) and self._task is not None:
+            with anyio.move_on_after(wait):
                 await asyncio.shield(self._task)
         return self.rows, self.error
 
     async def _refresh(self, status: Callable[[], Sequence[Any]]) -> None:
+        asked = self.wall()
         try:
             with anyio.fail_after(self.timeout):
                 rows = await anyio.to_thread.run_sync(status, abandon_on_cancel=True)
@@ -141,7 +152,7 @@ class FleetStatusCache:
         except Exception as exc:  # noqa: BLE001 (Docker unreachable...: shown, never raised)
             self.error = f"the fleet's status failed: {str(exc).strip() or type(exc).__name__}"
         finally:
-            self.taken_at = self.clock()
+            self.taken_at, self.asked_at = self.clock(), asked
             self._task = None
 
 
@@ -170,7 +181,10 @@ class GatewaySource:
 
         rows, fleet_error = (None, None)
         if activator is not None:
-            rows, fleet_error = await self.fleet_status.get(activator.fleet)
+            last = self.history.newest(1)
+            rows, fleet_error = await self.fleet_status.get(
+                activator.fleet, changed_at=last[0].at if last else float("-inf"))
+        age = self.fleet_status.age() if rows is not None else 0.0
         by_model: dict[str, dict[int, dict[str, Any]]] = {}
         for row in rows or ():
             by_model.setdefault(str(row.get("name")), {})[int(row.get("replica") or 0)] = row
@@ -195,7 +209,7 @@ class GatewaySource:
                 replicas=self._replicas(st.instances.get(name, ()), fleet_rows),
                 in_flight=adm.in_flight if adm else 0, queued=adm.waiting if adm else 0,
                 oldest_wait=_round(adm.oldest_wait()) if adm else None,
-                time_resident=_round(max((float(r["uptime"]) for r in fleet_rows.values()
+                time_resident=_round(max((float(r["uptime"]) + age for r in fleet_rows.values()
                                           if r.get("state") in AWAKE_ROWS
                                           and r.get("uptime") is not None), default=None)),
                 ttl=st.ttl.get(name), ttl_left=self._ttl_left(name, st.ttl.get(name), state),
@@ -226,10 +240,12 @@ class GatewaySource:
             return "awake"
         if "loading" in seen:
             return "activating"
-        if "sleeping" in seen or (activator is not None and name in activator.asleep):
+        if "sleeping" in seen:
             return "asleep"
-        if observed:
+        if observed:  # the fleet's rows say better than the gateway's memory (sleep may stop)
             return "stopped"
+        if activator is not None and name in activator.asleep:
+            return "asleep"
         return "unknown"
 
     def _ttl_left(self, name: str, ttl: float | None, state: str) -> float | None:

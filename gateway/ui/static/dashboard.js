@@ -227,8 +227,8 @@
       c.queued.classList.toggle("hot", m.queued > 0);
       setText(c.wait, seconds(m.oldest_wait));
       setText(c.resident, seconds(m.time_resident));
-      setText(c.ttl, m.ttl === null ? "-" : m.ttl_left === null ? "busy / " + seconds(m.ttl) :
-        seconds(m.ttl_left));
+      setText(c.ttl, m.ttl === null || m.state !== "awake" ? "-" :
+        m.ttl_left === null ? "busy (ttl " + seconds(m.ttl) + ")" : seconds(m.ttl_left));
       c.actions.hidden = !admin;
       const running = state.busy.get(m.name);
       for (const [action, b] of Object.entries(row.buttons)) {
@@ -278,7 +278,9 @@
   }
 
   function fmtAmount(v, unit) {
-    return unit === "cores" ? (Math.round(v * 10) / 10) + " cores" : (Math.round(v * 100) / 100).toString();
+    if (unit !== "cores") return (Math.round(v * 100) / 100).toString();
+    const n = Math.round(v * 10) / 10;
+    return n + (n === 1 ? " core" : " cores");
   }
 
   function renderSwitches(switches) {
@@ -323,12 +325,13 @@
           el("figcaption", { class: "muted", text: label }));
         const card = el("div", { class: "chart", data: { model: name } },
           el("div", { class: "chart-name", text: name }),
-          fig("rate", "requests/s"), fig("ttft", "TTFT ms"), fig("errors", "errors/s"));
+          fig("rate", "requests/s"), fig("ttft", "time to first token, ms (streams)"), fig("errors", "errors/s"));
         ch = { card, canvases };
         state.charts.set(name, ch);
       }
       if (box.children[i] !== ch.card) box.insertBefore(ch.card, box.children[i] || null);
       const s = (series.models || {})[name] || { rate: [], ttft: [], errors: [] };
+      ch.card.dataset.points = String(s.rate.length);
       draw(ch.canvases.rate, s.rate, "hsl(210 70% 45%)", (v) => v.toFixed(2));
       draw(ch.canvases.ttft, s.ttft.map((v) => (v === null ? null : v * 1000)), "hsl(150 55% 35%)",
         (v) => Math.round(v) + " ms");
@@ -354,7 +357,8 @@
       g.fillText(values.length ? "no data" : "collecting", 4, h / 2 + 4);
       return;
     }
-    const max = Math.max(...known) || 1;
+    const peak = Math.max(...known);
+    const max = peak || 1;
     const n = Math.max(values.length - 1, 1);
     const top = 14;
     g.strokeStyle = stroke;
@@ -372,7 +376,7 @@
     const last = [...values].reverse().find((v) => v !== null);
     g.fillStyle = "rgba(90,90,90,1)";
     g.font = "11px sans-serif";
-    g.fillText("now " + label(last) + " · max " + label(max), 4, 11);
+    g.fillText("now " + label(last) + " · max " + label(peak), 4, 11);
   }
 
   // -- actions (admin key) ----------------------------------------------------------------
