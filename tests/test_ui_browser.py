@@ -233,6 +233,13 @@ def test_lists_the_models_and_renders_a_hostile_description_as_text(
     csp_violations = [e for e in browser.get_log("browser")
                       if "Content Security Policy" in e.get("message", "")]
     assert csp_violations == []
+    # a phone: one card per model, nothing wider than the screen
+    browser.set_window_size(390, 844)
+    wait_for(browser, "no horizontal scrolling on a phone", lambda: browser.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth + 1"))
+    assert browser.find_element(By.CSS_SELECTOR, "#models thead").is_displayed() is False
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "ui-phone.png"))
     print(f"first render {first_render:.2f} s")
 
 
