@@ -30,7 +30,13 @@ from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RoutingTable
 from gateway.settings import GatewaySettings
-from gateway.ui import GatewaySource, RecordingFleet, RecordingOpener, SwitchHistory, routes
+from gateway.ui import (
+    GatewaySource,
+    RecordingFleet,
+    RecordingOpener,
+    SwitchHistory,
+    routes,
+)
 from gateway.ui.capacity import capacity_bars
 from gateway.ui.live import metric_readings
 from gateway.ui.routes import CSP
@@ -534,7 +540,7 @@ def test_recording_fleet_keeps_timings_evictions_and_errors() -> None:
     assert [(a.model, a.action) for a in record.actions] == [("a", "stop"), ("b", "start")]
 
     class Busy(Exception):
-        violations = [type("V", (), {"kind": "busy"})()]
+        violations = (type("V", (), {"kind": "busy"})(),)
 
     class Failing(FakeFleet):
         def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report:

@@ -23,15 +23,18 @@ import httpx
 import pytest
 import uvicorn
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+from selenium.common.exceptions import (
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from support.sim_fixtures import SimFactory, free_port
+from support.sim_fleet import SimSwitchFleet
 
 from fleet.registry import parse_registry
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from support.sim_fixtures import SimFactory, free_port
-from support.sim_fleet import SimSwitchFleet
 
 pytestmark = pytest.mark.browser
 
@@ -267,13 +270,17 @@ def test_a_switch_started_from_the_page_shows_within_seconds_and_logs_stay_text(
     assert "switch beta" in text and "evict" in text and "healthy" in text, text
     assert "made room: stop alpha" in text
     assert dashboard.fleet.calls.count(("ensure_awake", "beta")) == 1
-    # the switch took about a second (the simulator's load time); the page showed it soon after
-    assert shown_after < 15, shown_after
-    print(f"switch shown {shown_after:.2f} s after the click")
+    # the switch itself takes a few seconds (a simulator starts and loads for 1 s); the page
+    # showed its end within a few seconds of it
+    took = httpx.get(f"{dashboard.base_url}/ui/api/snapshot", timeout=10).json()[
+        "switches"][0]["seconds"]
+    assert shown_after - took < 5, (shown_after, took)
+    print(f"switch took {took:.2f} s; shown {shown_after:.2f} s after the click")
 
     click(browser, 'tr[data-model="beta"] .act-logs')
-    logs = wait_for(browser, "beta's log lines", lambda: (
-        lambda t: t if HOSTILE_LOG in t else None)(browser.find_element(By.ID, "logs").text))
+    wait_for(browser, "beta's log lines",
+             lambda: HOSTILE_LOG in browser.find_element(By.ID, "logs").text)
+    logs = browser.find_element(By.ID, "logs").text
     assert "beta" in logs or "Uvicorn" in logs or "vllm" in logs.lower()
     assert browser.find_elements(By.CSS_SELECTOR, "#logs *") == []  # text only, no elements
     assert browser.execute_script("return window.__pwned") is None
