@@ -63,7 +63,8 @@ class UiSettings(Protocol):
 def routes(source: DashboardSource, access: Access, settings: UiSettings,
            wrap: Callable[[Handler], Handler] = lambda h: h) -> list[Route]:
     """The dashboard's routes ([] when `settings.ui` is "off"); `wrap` decorates each handler
-    (e.g. the gateway's access log)."""
+    (e.g. the gateway's access log) but the snapshot's: each open page asks for one every
+    second, which would drown the access log."""
     if settings.ui == "off":
         return []
     ui = Dashboard(source, access, loopback_only=settings.ui == "loopback")
@@ -71,7 +72,7 @@ def routes(source: DashboardSource, access: Access, settings: UiSettings,
         Route("/ui", wrap(ui.redirect), methods=["GET"]),
         Route("/ui/", wrap(ui.page), methods=["GET"]),
         Route("/ui/static/{name}", wrap(ui.asset), methods=["GET"]),
-        Route("/ui/api/snapshot", wrap(ui.snapshot), methods=["GET"]),
+        Route("/ui/api/snapshot", ui.snapshot, methods=["GET"]),
         Route("/ui/api/logs/{model:path}", wrap(ui.logs), methods=["GET"]),
     ]
 
