@@ -102,6 +102,13 @@ def build_fleet(
     s = settings or load_settings()
     env = os.environ if environ is None else environ
     lock_path = s.lock_file or default_lock_path(env)
+    if engine is None and registry.swarm:
+        from fleet.swarm import SwarmEngine, SwarmProbe
+
+        manager = (registry.cluster.manager if registry.cluster else None) or s.docker_host
+        swarm = SwarmEngine(DockerEngine(manager, timeout=s.docker_timeout), registry,
+                            stop_timeout=s.stop_timeout)
+        engine, probe = swarm, SwarmProbe(probe or HttpProbe(), swarm)
     return Fleet(
         registry,
         engine or DockerEngine(s.docker_host, timeout=s.docker_timeout),

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="compare with the existing file; exit 1 with the diff on drift")
     p.add_argument("--project", default="vllm-fleet", help="compose project name")
+    p.add_argument("--stack", action="store_true",
+                   help="render the stack file for `docker stack deploy` (a Swarm registry; "
+                        "default output stack.yaml beside the registry)")
     p = sub.add_parser("plan", parents=[common], help="dry runs")
     plan_sub = p.add_subparsers(dest="plan_command", metavar="WHAT", required=True)
     p = plan_sub.add_parser("switch", parents=[common, json_opt],
@@ -210,6 +213,8 @@ def _cmd_check(registry: Registry, args: argparse.Namespace, out: TextIO, err: T
 
 
 def _cmd_compose(registry: Registry, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.stack:
+        return _cmd_stack(registry, args, out, err)
     from fleet.compose import compose_drift, render_compose
 
     reg_path = Path(registry.source)
@@ -242,6 +247,42 @@ def _cmd_compose(registry: Registry, args: argparse.Namespace, out: TextIO, err:
               f"`fleet compose --output {target}`", file=err)
         return EXIT_FAILED
     text = render_compose(registry, **kw)
+    if args.output == "-":
+        out.write(text)
+        return EXIT_OK
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}", file=err)
+    print(str(target), file=out)
+    return EXIT_OK
+
+
+def _cmd_stack(registry: Registry, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from fleet.api import load_settings
+    from fleet.stack import render_stack, stack_drift
+
+    if not registry.swarm:
+        print(f"fleet: {registry.source} has no [cluster] engine = \"swarm\": a stack file is "
+              f"for a Swarm; use `fleet compose` for one host", file=err)
+        return EXIT_USAGE
+    target = Path(args.output) if args.output and args.output != "-" else \
+        Path(registry.source).resolve().parent / "stack.yaml"
+    prefix = load_settings().name_prefix
+    if args.check:
+        try:
+            existing = target.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            print(f"{target} does not exist; write it with `fleet compose --stack --output "
+                  f"{target}`", file=err)
+            return EXIT_FAILED
+        diff = stack_drift(registry, existing, name_prefix=prefix)
+        if diff is None:
+            print(f"{target} is up to date with {registry.source}", file=err)
+            return EXIT_OK
+        out.write(diff)
+        print(f"{target} differs from what {registry.source} renders; re-render it with "
+              f"`fleet compose --stack --output {target}`", file=err)
+        return EXIT_FAILED
+    text = render_stack(registry, name_prefix=prefix)
     if args.output == "-":
         out.write(text)
         return EXIT_OK

@@ -279,6 +279,12 @@ class DockerEngine:
                 self._client = self._factory()
         return self._client
 
+    def mapped(self, op: str, kwargs: Mapping[str, Any] | None = None) -> Any:
+        """A context manager turning the Docker SDK's errors during `op` into EngineErrors,
+        for `fleet.swarm`, which drives this engine's `client` (the services API) without
+        importing `docker` itself."""
+        return self._mapped(op, kwargs)
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

@@ -131,8 +131,12 @@ def check_placement(registry: Registry, awake: AwakeSet) -> list[Violation]:
 
     `awake`: model names (each counted with its `initial_replicas`), or a mapping of model
     name to a replica count (replicas 0..n-1) or to awake replica indices. Names not in the
-    registry are reported (unknown-model); remote models are ignored.
+    registry are reported (unknown-model); remote models are ignored. On a Swarm registry
+    the rules apply node by node (`fleet.nodeplan`).
     """
+    if registry.nodes:
+        from fleet.nodeplan import check_per_node
+        return check_per_node(registry, awake)
     violations: list[Violation] = []
     units: list[tuple[ModelSpec, tuple[int, ...]]] = []
     for name, indices in _normalize(registry, awake).items():

@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fleet.cluster import Cluster, Node, cluster_problems
+
 DEFAULT_REGISTRY_PATH = "models.toml"
 REGISTRY_ENV = "FLEET_REGISTRY"
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
@@ -134,6 +136,9 @@ class ModelSpec(_Strict):
     connect_timeout: float | None = Field(default=None, gt=0)
     read_timeout: float | None = Field(default=None, gt=0)
     ttl: float | None = Field(default=None, gt=0, description="idle seconds before sleep/stop")
+    # On a Swarm ([cluster] engine = "swarm"): the node it runs on, or labels its node needs.
+    node: str | None = None
+    node_labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("tags", "aliases", "args", "volumes", "gpus")
     @classmethod
@@ -199,6 +204,13 @@ class Registry(_Strict):
     host: Host = Host()
     defaults: Defaults = Defaults()
     models: dict[str, ModelSpec] = Field(default_factory=dict)
+    cluster: Cluster | None = None  # None: one Docker host (engine "docker")
+    nodes: dict[str, Node] = Field(default_factory=dict)  # Swarm nodes' inventories
+
+    @property
+    def swarm(self) -> bool:
+        """True when the models run on a Docker Swarm (`[cluster] engine = "swarm"`)."""
+        return self.cluster is not None and self.cluster.engine == "swarm"
 
     def get(self, name_or_alias: str) -> ModelSpec | None:
         """The model whose name or alias is `name_or_alias`, or None."""
@@ -233,6 +245,10 @@ class Registry(_Strict):
         data = {"host": host, "defaults": self.defaults.model_dump(),
                 "models": {n: m.model_dump(exclude={"name"}, exclude_defaults=True)
                            for n, m in self.models.items()}}
+        if self.cluster is not None:
+            data["cluster"] = self.cluster.model_dump()
+        if self.nodes:
+            data["nodes"] = {n: node.model_dump() for n, node in self.nodes.items()}
         return build_registry(data, source=f"{self.source} (with host overrides)")
 
     # Resolved values: a model's own setting, else the registry default.
@@ -375,7 +391,7 @@ def parse_registry(text: str, source: str = DEFAULT_REGISTRY_PATH, fmt: str = "t
     return build_registry(data, source=source)
 
 
-_TOP_KEYS = ("host", "defaults", "models")
+_TOP_KEYS = ("host", "defaults", "models", "cluster", "nodes")
 # First path segments the gateway owns: a model with such a name could not have its
 # /{model}/... routes.
 RESERVED_NAMES = frozenset({"admin", "v1", "v2", "health", "metrics"})
@@ -391,6 +407,18 @@ def build_registry(data: Mapping[str, Any], source: str = DEFAULT_REGISTRY_PATH)
 
     host = _section(Host, data.get("host", {}), "[host]", problems)
     defaults = _section(Defaults, data.get("defaults", {}), "[defaults]", problems)
+
+    cluster = _section(Cluster, data["cluster"], "[cluster]", problems) \
+        if "cluster" in data else None
+    nodes: dict[str, Node] = {}
+    raw_nodes = data.get("nodes", {})
+    if not isinstance(raw_nodes, Mapping):
+        problems.append("[nodes]: must be a table of [nodes.NAME] tables")
+        raw_nodes = {}
+    for node_name, raw_node in raw_nodes.items():
+        node = _section(Node, raw_node, f"[nodes.{node_name}]", problems)
+        if node is not None:
+            nodes[node_name] = node
 
     raw_models = data.get("models", {})
     models: dict[str, ModelSpec] = {}
@@ -423,13 +451,16 @@ def build_registry(data: Mapping[str, Any], source: str = DEFAULT_REGISTRY_PATH)
 
     if host is not None and defaults is not None:
         problems.extend(_cross_checks(models, host, defaults))
+    if "cluster" not in data or cluster is not None:
+        problems.extend(cluster_problems(cluster, nodes, models))
     if problems:
         raise RegistryError(source, problems)
     assert host is not None and defaults is not None
-    return Registry(source=source, host=host, defaults=defaults, models=models)
+    return Registry(source=source, host=host, defaults=defaults, models=models,
+                    cluster=cluster, nodes=nodes)
 
 
-def _section(cls: type[_Strict], raw: Any, where: str, problems: list[str]) -> Any:
+def _section(cls: type[BaseModel], raw: Any, where: str, problems: list[str]) -> Any:
     if not isinstance(raw, Mapping):
         problems.append(f"{where}: must be a table")
         return None

@@ -13,9 +13,10 @@ The fleet's calls block (Docker, health polls), so they run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import anyio
@@ -67,7 +68,8 @@ class Activator:
             remaining = deadline - self.clock()
             try:
                 await anyio.to_thread.run_sync(
-                    lambda: self.fleet.ensure_awake(model, timeout=max(1.0, remaining)),
+                    functools.partial(self.fleet.ensure_awake, model,
+                                      timeout=max(1.0, remaining)),
                     abandon_on_cancel=True)
                 self.asleep.discard(model)
                 self.activations += 1
@@ -90,7 +92,7 @@ class Activator:
         self.asleep.add(model)
 
 
-async def idle_loop(activator: Activator, ttl: dict[str, float],
+async def idle_loop(activator: Activator, ttl: Mapping[str, float],
                     idle_for: Callable[[str], float | None], interval: float) -> None:
     """Every `interval` s, put to sleep each model idle (no request in flight) for its ttl.
 

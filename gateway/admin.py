@@ -21,21 +21,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Match
 from starlette.routing import Route as StarletteRoute
 
 from fleet.registry import RegistryError
 from gateway import errors
+from gateway.activation import Activator
+from gateway.middleware import json_response
+from gateway.ports import AdminTarget
 from gateway.routing import Route
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gateway.activation import Activator
-    from gateway.app import Gateway
 
 log = logging.getLogger("gateway.admin")
 
@@ -46,8 +45,8 @@ FLEET_STATUS_TIMEOUT = 15.0  # seconds: the fleet probes Docker and every model'
 class Admin:
     """Handlers of the /admin routes over one gateway."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    def __init__(self, target: AdminTarget) -> None:
+        self.gw = target
 
     def routes(self, wrap: Callable[[Handler], Handler] = lambda h: h) -> list[StarletteRoute]:
         """The admin routes (each handler passed through `wrap`), then a catch-all for the
@@ -71,13 +70,13 @@ class Admin:
 
     # -- status ---------------------------------------------------------------------------
     async def status(self, request: Request) -> Response:
-        gw = self.gw
+        gw, state = self.gw, self.gw.state
         activator = gw.activator
         asleep = activator.asleep if activator is not None else set()
         models: dict[str, Any] = {}
-        for name, route in gw.table.routes.items():
-            adm = gw.admission[name]
-            spec = gw.table.registry.models[name]
+        for name, route in state.table.routes.items():
+            adm = state.admission[name]
+            spec = state.registry.models[name]
             models[name] = {
                 "managed": route.managed,
                 "aliases": list(spec.aliases),
@@ -87,7 +86,7 @@ class Admin:
                 "max_queue": adm.max_queue,
                 "asleep": name in asleep,
                 "activating": activator is not None and activator.pending(name),
-                "ttl": gw.ttl.get(name),
+                "ttl": state.ttl.get(name),
                 "replicas": [{
                     "index": inst.index,
                     "url": inst.base_url,
@@ -95,17 +94,17 @@ class Admin:
                     "ejected": not gw.balancer.available(inst),
                     "failures": inst.failures,
                     "last_error": inst.last_error or None,
-                } for inst in gw.instances.get(name, [])],
+                } for inst in state.instances[name]],
             }
         body: dict[str, Any] = {
-            "registry": {"source": gw.table.registry.source, "models": len(models)},
+            "registry": {"source": state.registry.source, "models": len(models)},
             "activation": activator is not None,
             "models": models,
             "fleet": None,
         }
         if activator is not None and request.query_params.get("fleet", "true") != "false":
             body["fleet"] = await self._fleet_status(activator)
-        return _json(request, body)
+        return json_response(request, body)
 
     async def _fleet_status(self, activator: Activator) -> Any:
         status = getattr(activator.fleet, "status", None)
@@ -140,7 +139,7 @@ class Admin:
 
     async def sleep(self, request: Request) -> Response:
         route, activator = self._managed(request)
-        adm = self.gw.admission[route.model]
+        adm = self.gw.state.admission[route.model]
         force = request.query_params.get("force", "").lower() in ("1", "true", "yes")
         if (adm.in_flight or adm.waiting) and not force:
             raise errors.GatewayError(
@@ -166,25 +165,27 @@ class Admin:
                 400, f"The registry from {exc.source} is invalid, so the gateway keeps routing "
                      f"by the previous one. Problems: " + "; ".join(exc.problems),
                 param="registry") from None
-        return _json(request, result.as_dict())
+        return json_response(request, result.as_dict())
 
     # -- helpers --------------------------------------------------------------------------
     def _managed(self, request: Request) -> tuple[Route, Activator]:
         requested = request.path_params["model"]
-        route = self.gw.table.resolve(requested)
+        state = self.gw.state
+        route = state.table.resolve(requested)
         if route is None:
-            raise errors.unknown_model(requested, self.gw.table.names())
+            raise errors.unknown_model(requested, state.table.names())
         if not route.managed:
             raise errors.GatewayError(
                 400, f"Model `{route.model}` is a remote server (`url` in the registry): the "
                      f"fleet does not run it, so it cannot be switched, woken or put to sleep.",
                 param="model")
-        if self.gw.activator is None:
+        activator = self.gw.activator
+        if activator is None:
             raise errors.GatewayError(
                 409, "This gateway has no fleet to act through: start it with activation on "
                      "(GATEWAY_ACTIVATION=true, the default) and Docker reachable, or use the "
                      "`fleet` CLI.", err_type="ConflictError")
-        return route, self.gw.activator
+        return route, activator
 
     async def _fleet_call(self, fn: Any, model: str, action: str) -> None:
         try:
@@ -197,7 +198,7 @@ class Admin:
         log.info("admin %s %s done in %.2f s", action, model, seconds, extra={"fields": {
             "request_id": getattr(request.state, "request_id", "-"), "action": action,
             "model": model, "seconds": seconds}})
-        return _json(request, {"model": model, "action": action, "seconds": seconds})
+        return json_response(request, {"model": model, "action": action, "seconds": seconds})
 
 
 def _reason(exc: BaseException) -> str:
@@ -212,7 +213,3 @@ def _fleet_error(model: str, action: str, exc: Exception) -> errors.GatewayError
                                         f"{_reason(exc)}", err_type="ConflictError")
     return errors.GatewayError(503, f"The fleet could not {action} `{model}`: {_reason(exc)}")
 
-
-def _json(request: Request, content: Any) -> Response:
-    return JSONResponse(content, headers={"x-request-id": getattr(request.state, "request_id",
-                                                                  "-")})

@@ -223,7 +223,8 @@ def _read_keys_file(path: Path) -> list[tuple[str, Principal]]:
         if unknown:
             raise AccessConfigError(f"{here}: unknown field(s) {', '.join(unknown)}; allowed: "
                                     f"{', '.join(_KEY_FIELDS)}")
-        key, name, models = item.get("key"), item.get("name", f"{path.name}#{i}"), item.get("models")
+        key, models = item.get("key"), item.get("models")
+        name = item.get("name", f"{path.name}#{i}")
         if not isinstance(key, str) or not key.strip():
             raise AccessConfigError(f"{here}: `key` must be a non-empty string")
         if not isinstance(name, str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(eq=False)
@@ -24,7 +24,6 @@ class Instance:
     failures: int = 0              # consecutive failures (back-off grows with them)
     draining: bool = False         # being retired (autoscaling): no new requests
     last_error: str = ""
-    meta: dict[str, object] = field(default_factory=dict)
 
 
 class Balancer:
@@ -39,7 +38,8 @@ class Balancer:
     def available(self, instance: Instance) -> bool:
         return instance.ejected_until <= self.clock()
 
-    def pick(self, instances: Sequence[Instance], exclude: Sequence[Instance] = ()) -> Instance | None:
+    def pick(self, instances: Sequence[Instance],
+             exclude: Sequence[Instance] = ()) -> Instance | None:
         """The available replica with the fewest outstanding requests (ties: lowest index).
 
         When every replica not excluded is ejected, the one whose back-off ends first is

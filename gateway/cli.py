@@ -6,7 +6,6 @@ import argparse
 import functools
 import os
 import sys
-
 from collections.abc import Callable
 
 from fleet.registry import Registry, RegistryError, load_registry_from_env
@@ -39,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "upstream_client" not in settings.model_fields_set and aiohttp_available():
         settings = settings.model_copy(update={"upstream_client": "aiohttp"})
-    # --registry / GATEWAY_REGISTRY > FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID > ./models.toml
+    # --registry / GATEWAY_REGISTRY > FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID
+    # > ./models.toml
     load = functools.partial(load_registry_from_env,
                              args.registry or os.environ.get("GATEWAY_REGISTRY") or None)
     try:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     try:
-        app = create_app(registry, settings, fleet_factory=_fleet_factory(registry, settings),
+        app = create_app(registry, settings, fleet_opener=_fleet_opener(registry, settings),
                          registry_loader=load, reload_on_sighup=True)
     except AccessConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fleet_factory(registry: Registry, settings: GatewaySettings) -> FleetFactory | None:
-    """On-demand activation through the fleet's Python API (the app only builds the client
-    once the registry has a managed model; a reload rebuilds it for the new registry)."""
-    return FleetFactory(registry) if settings.activation else None
+def _fleet_opener(registry: Registry, settings: GatewaySettings) -> RegistryFleetOpener | None:
+    """On-demand activation through the fleet's Python API (the app only opens the client
+    once the registry has a managed model; a reload reopens it for the new registry)."""
+    return RegistryFleetOpener(registry) if settings.activation else None
 
 
-class FleetFactory:
-    """Builds the fleet client for one registry; `for_registry` gives the next one's."""
+class RegistryFleetOpener:
+    """Opens the fleet client for one registry; `for_registry` gives the next one's opener."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -83,9 +83,8 @@ class FleetFactory:
 
         return open_fleet(self.registry, busy=busy, last_used=last_used)
 
-    def for_registry(self, registry: Registry) -> FleetFactory:
-        return FleetFactory(registry)
-
+    def for_registry(self, registry: Registry) -> RegistryFleetOpener:
+        return RegistryFleetOpener(registry)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

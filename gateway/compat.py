@@ -13,7 +13,7 @@ vLLM's shape, and the upstream's own errors pass through unchanged.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,10 +21,8 @@ from starlette.types import Message
 
 from gateway import body as bodies
 from gateway import errors
+from gateway.ports import Forwarder
 from gateway.relay import UpstreamBroken
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gateway.app import Gateway
 
 FIELDS = ("model_id", "input", "params")
 RESERVED = ("model", "prompt", "stream", "stream_options")
@@ -94,19 +92,20 @@ def answer(status: int, content: bytes, model_id: str, model: str) -> tuple[int,
                               f"Model `{model}` answered {status}: {snippet}")
 
 
-async def infer(gw: Gateway, request: Request) -> Response:
-    payload = await gw._read_body(request)  # noqa: SLF001
+async def infer(proxy: Forwarder, request: Request) -> Response:
+    payload = await proxy.read_body(request)
     model_id, text, params = parse_request(payload)
-    route = gw.table.resolve(model_id)
+    state = proxy.state
+    route = state.table.resolve(model_id)
     if route is None:
-        raise errors.unknown_model(model_id, gw.table.names())
+        raise errors.unknown_model(model_id, state.table.names())
     body = json.dumps(completion_body(route.upstream_model, text, params),
                       ensure_ascii=False).encode()
     scope = dict(request.scope)  # same state (request id, principal), own headers
     scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k not in _DROP]
     scope["headers"] += [(b"content-type", b"application/json"), (b"accept-encoding", b"identity")]
     inner = Request(scope, request.receive)
-    response = await gw._send(inner, route, "POST", "/v1/completions", body)  # noqa: SLF001
+    response = await proxy.send(inner, state, route, "POST", "/v1/completions", body)
     try:
         status, content = await _collect(response, inner)
     except UpstreamBroken as exc:

@@ -56,14 +56,15 @@ class Admission:
         self._since[waiter] = self.clock()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if waiter.done() and not waiter.cancelled():
                 return  # the slot was handed over just as the wait ran out: keep it
             waiter.cancel()
             raise errors.GatewayError(
                 429, f"Model `{self.model}` stayed at its limit of {self.max_concurrency} "
                      f"concurrent requests for {self.queue_timeout:g} s while this request "
-                     f"waited; retry later.", retry_after=max(1, round(self.queue_timeout / 4)))
+                     f"waited; retry later.",
+                retry_after=max(1, round(self.queue_timeout / 4))) from None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed a slot, then the client went away

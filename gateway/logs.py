@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,6 +64,3 @@ def access_line(fields: Mapping[str, Any]) -> None:
     """One access line (logger `gateway.access`, level info)."""
     logging.getLogger(ACCESS_LOGGER).info("request", extra={"fields": dict(fields)})
 
-
-def elapsed_ms(started: float, now: float | None = None) -> float:
-    return round(((time.perf_counter() if now is None else now) - started) * 1000, 1)

@@ -30,11 +30,16 @@ Series (all prefixed `gateway_`):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway.balancer import Balancer, Instance
@@ -48,12 +53,24 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 ACTIVATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-class LiveSource(Protocol):
-    """What the scrape-time collector reads (the app's Gateway provides it)."""
+class LiveFigures(Protocol):
+    """Per-model figures of one routing state (gateway/state.py's RoutingState)."""
 
-    admission: Mapping[str, Admission]
-    instances: Mapping[str, list[Instance]]
-    balancer: Balancer
+    @property
+    def admission(self) -> Mapping[str, Admission]: ...
+
+    @property
+    def instances(self) -> Mapping[str, Sequence[Instance]]: ...
+
+
+class LiveSource(Protocol):
+    """What the scrape-time collector reads (gateway/runtime.py's Runtime provides it)."""
+
+    @property
+    def state(self) -> LiveFigures: ...
+
+    @property
+    def balancer(self) -> Balancer: ...
 
     def asleep(self) -> set[str]: ...
 
@@ -151,21 +168,23 @@ class _LiveCollector:
 
     def collect(self) -> Iterator[Metric]:
         src = self.source
+        state = src.state
         in_flight = GaugeMetricFamily("gateway_in_flight_requests",
                                       "Model requests admitted and not yet finished",
                                       labels=["model"])
         queued = GaugeMetricFamily("gateway_queued_requests",
                                    "Model requests waiting for a slot (max_concurrency)",
                                    labels=["model"])
-        for model, adm in list(src.admission.items()):
+        for model, adm in state.admission.items():
             in_flight.add_metric([model], adm.in_flight)
             queued.add_metric([model], adm.waiting)
         outstanding = GaugeMetricFamily("gateway_replica_outstanding_requests",
-                                        "Requests a replica is serving", labels=["model", "replica"])
+                                        "Requests a replica is serving",
+                                        labels=["model", "replica"])
         ejected = GaugeMetricFamily("gateway_replica_ejected",
                                     "1 while a replica is taken out after failures",
                                     labels=["model", "replica"])
-        for model, replicas in list(src.instances.items()):
+        for model, replicas in state.instances.items():
             for inst in replicas:
                 labels = [model, str(inst.index)]
                 outstanding.add_metric(labels, inst.outstanding)
@@ -174,11 +193,11 @@ class _LiveCollector:
                                    "1 for a model the gateway put to sleep (idle ttl, admin)",
                                    labels=["model"])
         sleeping = src.asleep()
-        for model in list(src.admission):
+        for model in state.admission:
             asleep.add_metric([model], 1 if model in sleeping else 0)
         yield from (in_flight, queued, outstanding, ejected, asleep)
         yield GaugeMetricFamily("gateway_registry_models", "Models in the routing table",
-                                value=len(src.admission))
+                                value=len(state.admission))
 
 
 class MeteredFleet:

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import errors
+from gateway.upstream import UpstreamResponse
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the ASGI server sets itself.
 _DROP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
@@ -25,16 +26,16 @@ _DROP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", 
 
 
 class RelayResponse(Response):
-    """An ASGI response that streams an already opened upstream `httpx.Response`."""
+    """An ASGI response that streams an already opened upstream response."""
 
-    def __init__(self, upstream: httpx.Response, model: str, request_id: str,
+    def __init__(self, upstream: UpstreamResponse, model: str, request_id: str,
                  retry_after: int) -> None:
         self.upstream = upstream
         self.model = model
         self.status_code = upstream.status_code
         headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in _DROP]
         present = {k for k, _ in headers}
-        content_type = upstream.headers.get("content-type", "")
+        content_type = upstream.headers.get("content-type") or ""
         self.is_event_stream = content_type.startswith("text/event-stream")
         if self.is_event_stream:
             # Stop intermediaries (nginx, CDNs) from buffering the stream.

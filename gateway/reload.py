@@ -1,12 +1,13 @@
 """Hot reload of the registry (SIGHUP, `POST /admin/reload`) without dropping anything.
 
 A reload reads the registry again (same precedence as at start: --registry/GATEWAY_REGISTRY >
-FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID > ./models.toml), then swaps the routing
-table with `Gateway.apply`: requests already admitted keep their upstream response (a stream
-in flight completes, even for a model that was removed), kept models keep their replicas,
-counters and queue. The fleet client the activator uses is rebuilt for the new registry. An
-invalid registry changes nothing: the error is logged (and returned to the admin caller) and
-the gateway keeps routing by the previous one. Reloads are serialized.
+FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID > ./models.toml), then has its target
+(`ReloadTarget`, gateway/ports.py) swap in the routing state built from it and reopen the
+fleet client for it. Requests that took their snapshot of the previous state keep it (a
+stream in flight completes, even for a model that was removed); kept models keep their
+replicas, counters and queue. An invalid registry changes nothing: the error is logged (and
+returned to the admin caller) and the gateway keeps routing by the previous one. Reloads are
+serialized.
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
 from fleet.registry import Registry, RegistryError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gateway.app import Gateway
+from gateway.ports import ReloadTarget
 
 log = logging.getLogger("gateway.reload")
 
@@ -52,10 +51,10 @@ def diff(old: Registry, new: Registry) -> ReloadResult:
 
 
 class Reloader:
-    """Loads the registry with `load` and applies it to `gateway`."""
+    """Loads the registry with `load` and applies it to `target`."""
 
-    def __init__(self, gateway: Gateway, load: Callable[[], Registry]) -> None:
-        self.gateway = gateway
+    def __init__(self, target: ReloadTarget, load: Callable[[], Registry]) -> None:
+        self.target = target
         self.load = load
         self._lock: asyncio.Lock | None = None
 
@@ -64,7 +63,7 @@ class Reloader:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            gw = self.gateway
+            gw = self.target
             try:
                 registry = await anyio.to_thread.run_sync(self.load)
             except RegistryError as exc:
@@ -72,9 +71,8 @@ class Reloader:
                 log.error("registry reload rejected, keeping the previous registry: %s", exc,
                           extra={"fields": {"source": exc.source, "problems": len(exc.problems)}})
                 raise
-            result = diff(gw.table.registry, registry)
-            gw.apply(registry)
-            gw.open_fleet(registry, reload=True)
+            result = diff(gw.state.registry, registry)
+            gw.reconfigure(registry)
             gw.metrics.reloaded("ok")
             log.info("registry reloaded from %s", result.source, extra={"fields": {
                 "models": len(result.models), "added": ",".join(result.added) or "-",

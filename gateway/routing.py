@@ -1,9 +1,11 @@
-"""The routing table: model name or alias -> the instance that serves it (derived from the registry)."""
+"""The routing table: model name or alias -> the route to the replicas that serve it (derived
+from the registry)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fleet.cluster import node_urls
 from fleet.registry import Registry, replica_urls
 
 
@@ -26,7 +28,10 @@ class RoutingTable:
         self.registry = registry
         self.routes: dict[str, Route] = {}
         for name, spec in registry.models.items():
-            urls = tuple(replica_urls(registry, spec, upstream_host))
+            if registry.swarm and spec.managed:  # each replica's port on each allowed node
+                urls = tuple(node_urls(registry.nodes, spec))
+            else:
+                urls = tuple(replica_urls(registry, spec, upstream_host))
             self.routes[name] = Route(
                 model=name,
                 base_url=urls[0],

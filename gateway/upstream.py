@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -289,9 +289,10 @@ class AiohttpClient:
         """Send and wait for the response head; the body is read by `aiter_raw`."""
         session = self._get_session()
         timeout: httpx.Timeout = request.timeout
-        data: bytes | _TimedBody | None = request.content or None
-        if data is not None and len(data) > _SMALL_BODY:
-            data = _TimedBody(data, timeout.write)
+        content: bytes = request.content
+        data: bytes | _TimedBody | None = content or None
+        if len(content) > _SMALL_BODY:
+            data = _TimedBody(content, timeout.write)
         with _as_httpx_errors():
             resp = await session.request(
                 request.method, request.url, data=data, headers=request.headers,
@@ -319,4 +320,41 @@ class AiohttpClient:
             await session.close()
 
 
-UpstreamClient = httpx.AsyncClient | AiohttpClient
+
+class UpstreamHeaders(Protocol):
+    @property
+    def raw(self) -> Sequence[tuple[bytes, bytes]]: ...
+
+    def get(self, name: str, default: str | None = None, /) -> str | None: ...
+
+
+class UpstreamResponse(Protocol):
+    """What the gateway reads of an upstream response (`httpx.Response`, `AiohttpResponse`)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> UpstreamHeaders: ...
+
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aread(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class UpstreamClient(Protocol):
+    """The slice of `httpx.AsyncClient` the gateway uses (`AiohttpClient` has it too). A
+    request from `build_request` is only ever given back to the same client's `send`."""
+
+    def build_request(self, method: str, path: str, /, *, content: bytes = ...,
+                      headers: Sequence[tuple[bytes, bytes]] = ..., params: str | None = ...,
+                      timeout: httpx.Timeout = ...) -> Any: ...
+
+    async def send(self, request: Any, /, *, stream: bool = ...) -> UpstreamResponse: ...
+
+    async def get(self, path: str, /, *, timeout: float | httpx.Timeout | None = ...
+                  ) -> UpstreamResponse: ...
+
+    async def aclose(self) -> None: ...

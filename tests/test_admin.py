@@ -71,7 +71,7 @@ async def start(fleet: FakeFleet | None, tmp_path: Path, **extra: object
     settings = GatewaySettings(admin_key="sk-admin", registry=str(path), activation_timeout=5,
                                **extra)
     factory = (lambda busy, last_used: fleet) if fleet is not None else None
-    app = create_app(parse_registry(REG_TEXT), settings, fleet_factory=factory)
+    app = create_app(parse_registry(REG_TEXT), settings, fleet_opener=factory)
     with respx.mock(assert_all_called=False) as mock:
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
@@ -117,12 +117,12 @@ async def test_status_shows_gateway_figures_and_the_fleet(gw) -> None:
 async def test_in_flight_shows_in_status(gw) -> None:
     client, _ = gw
     gateway = client.app.state.gateway  # type: ignore[attr-defined]
-    gateway.admission["m"].in_flight = 1
+    gateway.state.admission["m"].in_flight = 1
     status = (await client.get("/admin/status?fleet=false", headers=ADMIN)).json()
     assert status["models"]["m"]["in_flight"] == 1
     err = error_of(await client.post("/admin/sleep/m", headers=ADMIN), 409)
     assert "1 request(s) in flight" in err["message"] and "force=true" in err["message"]
-    gateway.admission["m"].in_flight = 0
+    gateway.state.admission["m"].in_flight = 0
 
 
 async def test_switch_wake_sleep_through_the_fleet(gw, fleet: FakeFleet) -> None:

@@ -15,6 +15,7 @@ import pytest
 from fleet.cli import main
 from fleet.engine import DockerUnreachable
 from support.fleet_fakes import REGISTRY_TOML, FakeWorld, make_fleet, make_registry
+from support.registries import WriteRegistry
 
 pytestmark = pytest.mark.unit
 
@@ -33,10 +34,8 @@ def world() -> FakeWorld:
 
 
 @pytest.fixture
-def registry_file(tmp_path: Path) -> Path:
-    path = tmp_path / "models.toml"
-    path.write_text(REGISTRY_TOML)
-    return path
+def registry_file(write_registry: WriteRegistry) -> Path:
+    return write_registry(REGISTRY_TOML)
 
 
 @pytest.fixture

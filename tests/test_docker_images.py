@@ -21,6 +21,7 @@ from support.docker_fixtures import (
     wait_container_healthy,
     wait_http_ok,
 )
+from support.ports import free_port
 
 pytestmark = pytest.mark.docker
 
@@ -39,11 +40,11 @@ def _inspect(ref: str, kind: str = "image") -> dict[str, object]:
     return dict(json.loads(out))
 
 
-def test_sim_image_takes_vllm_flags_and_serves_models(docker_ready: DockerSession,
-                                                        free_port: int) -> None:
+def test_sim_image_takes_vllm_flags_and_serves_models(docker_ready: DockerSession) -> None:
+    port = free_port()
     name = _run_detached(
         docker_ready, "sim-flags",
-        "-p", f"127.0.0.1:{free_port}:{SIM_PORT}",
+        "-p", f"127.0.0.1:{port}:{SIM_PORT}",
         "--health-cmd", f"curl -fsS http://127.0.0.1:{SIM_PORT}/health",
         "--health-interval", "1s", "--health-timeout", "2s", "--health-retries", "30",
         docker_ready.sim_image,
@@ -52,12 +53,12 @@ def test_sim_image_takes_vllm_flags_and_serves_models(docker_ready: DockerSessio
     # Docker's own health check (curl inside the image, as the fleet uses it) turns healthy...
     wait_container_healthy(name, deadline=60.0)
     # ...and the published loopback port answers like vLLM.
-    response = wait_http_ok(f"http://127.0.0.1:{free_port}/v1/models", deadline=30.0,
+    response = wait_http_ok(f"http://127.0.0.1:{port}/v1/models", deadline=30.0,
                             give_up=lambda: container_exited(name))
     body = response.json()
     assert body["object"] == "list"
     assert sorted(card["id"] for card in body["data"]) == ["a", "b"], body
-    health = httpx.get(f"http://127.0.0.1:{free_port}/health", timeout=5.0)
+    health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5.0)
     assert health.status_code == 200
 
 
@@ -87,7 +88,8 @@ def test_sim_image_metadata_and_no_wheels_in_layers(docker_ready: DockerSession)
 
 
 def test_gateway_image_serves_a_mounted_registry(docker_ready: DockerSession, gateway_image: str,
-                                                 free_port: int, tmp_path: Path) -> None:
+                                                 tmp_path: Path) -> None:
+    port = free_port()
     registry = tmp_path / "models.toml"
     registry.write_text('[models.remote]\nurl = "http://192.0.2.1:8000"\nserved_model_name = "tiny"\n')
     registry.chmod(0o644)
@@ -99,10 +101,10 @@ def test_gateway_image_serves_a_mounted_registry(docker_ready: DockerSession, ga
 
     name = _run_detached(
         docker_ready, "gateway",
-        "-p", f"127.0.0.1:{free_port}:8000",
+        "-p", f"127.0.0.1:{port}:8000",
         "-v", f"{registry}:/etc/vllm-fleet/models.toml:ro",
         gateway_image,
     )
-    response = wait_http_ok(f"http://127.0.0.1:{free_port}/health", deadline=30.0,
+    response = wait_http_ok(f"http://127.0.0.1:{port}/health", deadline=30.0,
                             give_up=lambda: container_exited(name))
     assert response.json().get("status") == "ok", response.text

@@ -24,7 +24,8 @@ import openai
 import pytest
 
 from support.docker_fixtures import docker_cli
-from support.gateway_fixtures import free_port, wait_until_ok
+from support.gateway_fixtures import wait_until_ok
+from support.ports import free_port
 from support.vllm_fixtures import CPU_REGISTRY, VllmEnv
 
 pytestmark = pytest.mark.vllm

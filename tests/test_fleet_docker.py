@@ -25,28 +25,13 @@ import yaml
 from fleet.engine import DockerEngine
 from support.docker_fixtures import DockerSession, docker_cli
 from support.fleet_faults import CASE_LABEL, REPO_ROOT, FleetRunner
+from support.ports import consecutive_free_ports, free_ports
+from support.registries import SIM_FLEET
 
 pytestmark = pytest.mark.docker
 
 
-REGISTRY = """
-[host]
-cpus = 1
-gateway_cpus = 0
-
-[defaults]
-image = "{image}"
-hf_cache = ""
-ipc_host = false
-shm_size = "64m"
-health_timeout = 30
-cpus = 1
-
-[models.sim-a]
-source = "sim/a"
-port = {port_a}
-sleep_mode = true
-
+REGISTRY = SIM_FLEET + """
 [models.sim-b]
 source = "sim/b"
 port = {port_b}
@@ -58,19 +43,6 @@ port = {port_c}
 autostart = false
 env = {{ VLLM_SIM_FAIL_AT_START = "1" }}
 """
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture
@@ -252,27 +224,6 @@ def test_port_in_use_and_foreign_container_name_are_explained(
     assert f"container name '{name}' is already in use by container" in r.stderr
     assert "which vllm-fleet does not manage" in r.stderr and f"docker rm -f {name}" in r.stderr
     docker_cli("rm", "-f", name)
-
-
-def consecutive_free_ports(n: int, attempts: int = 50) -> int:
-    """A port p such that p .. p+n-1 were all free on 127.0.0.1 when asked."""
-    for _ in range(attempts):
-        (base,) = free_ports(1)
-        if base + n > 65535:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports found in {attempts} attempts")
 
 
 def test_a_model_with_two_replicas_is_two_containers_on_two_ports(

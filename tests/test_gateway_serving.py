@@ -18,7 +18,8 @@ import pytest
 from fleet.registry import parse_registry
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from support.sim_fixtures import SimServer, free_port, start_sim
+from support.ports import consecutive_free_ports, free_port
+from support.sim_fixtures import SimServer, start_sim
 
 pytestmark = [pytest.mark.gateway, pytest.mark.anyio]
 
@@ -26,10 +27,10 @@ MSG = [{"role": "user", "content": "Hello"}]
 
 
 @asynccontextmanager
-async def gateway(registry_text: str, fleet_factory: Callable[..., object] | None = None,
+async def gateway(registry_text: str, fleet_opener: Callable[..., object] | None = None,
                   **settings: object) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(parse_registry(registry_text), GatewaySettings(**settings),
-                     fleet_factory=fleet_factory)  # type: ignore[arg-type]
+                     fleet_opener=fleet_opener)  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw",
@@ -58,7 +59,7 @@ async def test_replicas_share_load_and_a_dead_one_is_routed_around(sim_factory) 
         served_a, served_b = len(requests_seen(a)), len(requests_seen(b))
         assert served_a + served_b == 12 and served_a >= 3 and served_b >= 3
         gw = client.app.state.gateway  # type: ignore[attr-defined]
-        dead_replica = gw.instances["m"][1]
+        dead_replica = gw.state.instances["m"][1]
         assert dead_replica.failures >= 1 and "refused" in dead_replica.last_error
 
 
@@ -199,9 +200,7 @@ class ReplicaFleet:
 
 
 async def test_autoscaling_adds_a_replica_under_load_and_retires_it_when_idle() -> None:
-    base = free_port()
-    while base + 1 == free_port():  # two consecutive ports are needed; retry rarely
-        base = free_port()
+    base = consecutive_free_ports(2)
     fleet = ReplicaFleet("m", base)
     fleet.ensure_awake("m")
     reg = (f'[models.m]\nsource = "org/m"\nport = {base}\nmin_replicas = 1\nmax_replicas = 2\n'
@@ -227,7 +226,7 @@ async def test_autoscaling_adds_a_replica_under_load_and_retires_it_when_idle() 
                 await asyncio.sleep(0.1)
             assert gw.autoscaler.changes == [("m", 1, 2), ("m", 2, 1)]
             assert fleet.scaled == [2, 1] and list(fleet.sims) == [0]
-            assert [i.draining for i in gw.instances["m"]] == [False, True]
+            assert [i.draining for i in gw.state.instances["m"]] == [False, True]
             assert (await chat(client, "m")).status_code == 200
     finally:
         fleet.stop_all()

@@ -25,7 +25,6 @@ Budget: `[host] cpus = 1` and `cpus = 1` per model: two models cannot be awake t
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,30 +34,15 @@ import pytest
 
 from support.docker_fixtures import DockerSession, container_logs, container_state, docker_cli
 from support.fleet_faults import DockerSocketProxy, FleetRunner
+from support.ports import free_ports
+from support.registries import SIM_FLEET
 
 pytestmark = pytest.mark.docker
 
 LOAD_SECONDS = 8  # the slow model's simulated load: long enough to act on it while it loads
 OOM_LIMIT = "16m"  # the simulator holds about 12 MiB while loading and needs about 20 to serve
 
-REGISTRY = """
-[host]
-cpus = 1
-gateway_cpus = 0
-
-[defaults]
-image = "{image}"
-hf_cache = ""
-ipc_host = false
-shm_size = "64m"
-health_timeout = 30
-cpus = 1
-
-[models.sim-a]
-source = "sim/a"
-port = {port_a}
-sleep_mode = true
-
+REGISTRY = SIM_FLEET + """
 [models.sim-slow]
 source = "sim/slow"
 port = {port_b}
@@ -66,19 +50,6 @@ autostart = false
 image = "{image_slow}"
 env = {{ VLLM_SIM_LOAD_SECONDS = "{load}" }}
 """
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_until(probe: Callable[[], object], deadline_s: float, what: str) -> None:

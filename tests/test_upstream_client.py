@@ -23,6 +23,7 @@ import pytest
 
 from gateway.settings import GatewaySettings
 from gateway.upstream import AiohttpClient, Upstreams, httpx_error, map_failure
+from support.ports import free_port
 
 pytestmark = [pytest.mark.gateway, pytest.mark.anyio]
 
@@ -98,12 +99,6 @@ async def send(c: AiohttpClient, body: bytes = b'{"x":1}', path: str = "/v1/chat
 
 def status_of(exc: httpx.HTTPError) -> int:
     return map_failure(exc, "m", "http://127.0.0.1:1", S).status
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- failures ------------------------------------------------------------------------------

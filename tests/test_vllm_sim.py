@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from support.sim_fixtures import SimFactory, SimServer, free_port
+from support.ports import free_port
+from support.sim_fixtures import SimFactory, SimServer
 
 pytestmark = pytest.mark.gateway
 

@@ -9,7 +9,6 @@ CLI (override with DOCKER=...) through subprocess, every call with a timeout.
   gives a `DockerSession` whose `run_id` labels everything the session creates; at session
   end removes every container, network and volume labelled `io.vllm-fleet.test=<run_id>`.
 - `gateway_image` (session): the same for `vllm-fleet/gateway:dev`.
-- `free_port`: a TCP port free on 127.0.0.1 at the time of the call.
 - helpers: `docker_cli(*args, timeout=60.0, check=True)`, `wait_http_ok(url, deadline, ...)`,
   `wait_container_healthy(container, deadline)`, `container_state(container)`,
   `container_logs(container)`, `container_exited(container)`, `remove_labelled(label)`.
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -145,14 +143,6 @@ def gateway_image(docker_ready: DockerSession) -> str:
     """`vllm-fleet/gateway:dev`, built (cached) from the working tree."""
     _build_image("gateway")
     return GATEWAY_IMAGE
-
-
-@pytest.fixture
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 when asked for."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http_ok(url: str, deadline: float, *, interval: float = 0.2,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,15 +24,10 @@ from typing import IO
 import httpx
 import pytest
 
+from support.ports import free_port
+
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_PATH = "/models/sim-tiny"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -50,7 +50,7 @@ from support.docker_fixtures import (
     remove_labelled,
     wait_http_ok,
 )
-from support.sim_fixtures import free_port as _free_port
+from support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_REGISTRY = REPO_ROOT / "models.cpu.toml"
@@ -201,7 +201,7 @@ class VllmLauncher:
     def _start(self, name: str) -> None:
         cpuset = assign_cpusets(self.env.registry, self.env.registry.names()).get(name)
         spec = session_container_spec(self.env, name, cpuset)
-        port = _free_port()
+        port = free_port()
         docker_cli("rm", "-f", spec.name, timeout=60.0, check=False)
         t0 = time.monotonic()
         docker_cli(*docker_run_args(self.env, spec, port), timeout=60.0)
