@@ -29,12 +29,12 @@ from selenium.common.exceptions import (
 )
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from support.sim_fixtures import SimFactory, free_port
-from support.sim_fleet import SimSwitchFleet
 
 from fleet.registry import parse_registry
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from support.sim_fixtures import SimFactory, free_port
+from support.sim_fleet import SimSwitchFleet
 
 pytestmark = pytest.mark.browser
 
@@ -177,7 +177,7 @@ description = '{HOSTILE}'
                            load_seconds=1.0, extra_log_lines=(HOSTILE_LOG,))
     port = free_port()
     settings = GatewaySettings(admin_key=ADMIN_KEY, port=port, activation_timeout=60)
-    app = create_app(registry, settings, fleet_factory=lambda busy, last_used: fleet)
+    app = create_app(registry, settings, fleet_opener=lambda busy, last_used: fleet)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="gateway", daemon=True)

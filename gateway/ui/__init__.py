@@ -9,5 +9,5 @@ from gateway.ui.routes import routes
 from gateway.ui.snapshot import Snapshot
 from gateway.ui.source import DashboardSource, LogLines
 
-__all__ = ["DashboardSource", "GatewaySource", "LogLines", "RecordingFleet", "RecordingOpener", "Snapshot",
-           "SwitchHistory", "routes"]
+__all__ = ["DashboardSource", "GatewaySource", "LogLines", "RecordingFleet", "RecordingOpener",
+           "Snapshot", "SwitchHistory", "routes"]

@@ -149,7 +149,7 @@ class FleetStatusCache:
             self.error = None
         except TimeoutError:
             self.error = f"the fleet did not answer within {self.timeout:g} s"
-        except Exception as exc:  # noqa: BLE001 (Docker unreachable...: shown, never raised)
+        except Exception as exc:  # Docker unreachable...: shown, never raised
             self.error = f"the fleet's status failed: {str(exc).strip() or type(exc).__name__}"
         finally:
             self.taken_at, self.asked_at = self.clock(), asked
@@ -308,7 +308,7 @@ class GatewaySource:
             raise errors.GatewayError(
                 503, f"The fleet did not return the logs of `{route.model}` within "
                      f"{LOGS_TIMEOUT:g} s.") from None
-        except Exception as exc:  # noqa: BLE001 (any fleet failure becomes the 503's reason)
+        except Exception as exc:  # any fleet failure becomes the 503's reason
             raise errors.GatewayError(
                 503, f"The fleet could not read the logs of `{route.model}` (replica "
                      f"{replica}): {str(exc).strip() or type(exc).__name__}") from None

@@ -1,7 +1,7 @@
 """A fleet stand-in whose models are simulator processes on their registry ports.
 
-`SimSwitchFleet(ports, served_names)` behaves like the fleet client the gateway acts through, for models
-that cannot all be awake at once (one at a time here): `ensure_awake` stops whatever else
+`SimSwitchFleet(ports, served_names)` behaves like the fleet client the gateway acts through,
+for models that cannot all be awake at once (one at a time here): `ensure_awake` stops whatever else
 runs (evict) and starts the model's simulator (start), waits for its /health (healthy) and
 returns a `fleet.report.Report` with those phase timings; `sleep` stops it; `status` gives one
 `ModelStatus` row per model; `logs` returns the simulator's output. Every call blocks, as the
