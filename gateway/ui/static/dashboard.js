@@ -373,6 +373,13 @@
       pen = true;
     });
     g.stroke();
+    g.fillStyle = stroke;  // a value with no neighbour draws no line: a dot then
+    values.forEach((v, i) => {
+      if (v === null || (values[i - 1] ?? null) !== null || (values[i + 1] ?? null) !== null) return;
+      g.beginPath();
+      g.arc((i / n) * (w - 2) + 1, h - 2 - (v / max) * (h - top - 2), 2, 0, 2 * Math.PI);
+      g.fill();
+    });
     const last = [...values].reverse().find((v) => v !== null);
     g.fillStyle = "rgba(90,90,90,1)";
     g.font = "11px sans-serif";
