@@ -302,6 +302,32 @@ async def test_a_key_sees_only_its_models_and_the_admin_sees_all(
         assert admin["viewer"]["admin"] is True
 
 
+async def test_a_key_that_is_not_the_admin_key_sees_no_addresses_paths_or_error_texts(
+        runtime: Runtime) -> None:
+    fleet = runtime.activator.fleet  # type: ignore[union-attr]
+    fleet.fail_status = RuntimeError("Cannot connect to unix:///var/run/docker.sock")
+    history = SwitchHistory()
+
+    class Failing(FakeFleet):
+        def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report:
+            raise RuntimeError("container vllm-fleet-a failed; see /srv/models/a")
+
+    with pytest.raises(RuntimeError):
+        RecordingFleet(Failing(), history).ensure_awake("a")
+    source = GatewaySource(runtime, history)
+    team = await source.snapshot(auth.Principal("team", frozenset({"a", "r"})))
+    assert team.registry_source == "" and team.fleet_error == "the fleet's view is unavailable"
+    assert all(r.url == "" and r.node is None and r.port is None
+               for m in team.models for r in m.replicas)
+    assert [(s.outcome, s.reason) for s in team.switches] == [("failed", "")]
+    admin = await source.snapshot(auth.Principal("admin", admin=True))
+    assert admin.models[0].replicas[0].url == "http://127.0.0.1:9501"
+    assert admin.fleet_error is not None and "docker.sock" in admin.fleet_error
+    assert "/srv/models" in admin.switches[0].reason
+    anyone = await source.snapshot(None)  # an open gateway: anyone may do anything anyway
+    assert anyone.registry_source == admin.registry_source
+
+
 async def test_an_open_gateway_shows_everything_and_knows_the_admin_key(
         open_client: httpx.AsyncClient) -> None:
     anyone = (await open_client.get("/ui/api/snapshot")).json()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -221,12 +222,13 @@ class GatewaySource:
                 detail="; ".join(str(r["detail"]) for r in fleet_rows.values()
                                  if r.get("detail"))))
         names = [m.name for m in models]
-        return Snapshot(
+        snap = Snapshot(
             generated_at=now, registry_source=registry.source, models=tuple(models),
             capacity=capacity_bars(registry, states, awake_count, visible),
             switches=tuple(self._switches(visible)),
             series=self.sampler.view(names), activation=activator is not None,
             fleet_error=fleet_error)
+        return snap if principal is None or principal.admin else redacted(snap)
 
     @staticmethod
     def _state(name: str, managed: bool, rows: Mapping[int, Mapping[str, Any]],
@@ -316,6 +318,20 @@ class GatewaySource:
             text = text.decode("utf-8", "replace")
         lines = str(text).splitlines() if not isinstance(text, list) else [str(x) for x in text]
         return LogLines(route.model, replica, tuple(lines[-n:]))
+
+
+def redacted(snap: Snapshot) -> Snapshot:
+    """What an API key that is not the admin key sees: no upstream addresses, container
+    details, registry path or fleet error texts (they may name hosts, paths and other
+    models); states, queues, timings and charts stay."""
+    models = tuple(replace(m, detail="", replicas=tuple(
+        replace(r, url="", node=None, port=None, detail="") for r in m.replicas))
+        for m in snap.models)
+    switches = tuple(replace(s, reason=s.reason if s.reason.startswith("made room:") else "")
+                     for s in snap.switches)
+    error = "the fleet's view is unavailable" if snap.fleet_error else None
+    return replace(snap, models=models, switches=switches, registry_source="",
+                   fleet_error=error)
 
 
 def _round(value: Any) -> float | None:
