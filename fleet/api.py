@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Mapping
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fleet.addressing import addressed
 from fleet.clock import Clock
 from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DockerEngine, Engine
 from fleet.health import HttpProbe, Probe
@@ -37,8 +38,13 @@ class FleetSettings(BaseSettings):
     the fleet creates and required of every container it manages, to scope a fleet, e.g. a
     test run), FLEET_LOCK_FILE, FLEET_LOCK_TIMEOUT, FLEET_DOCKER_HOST or DOCKER_HOST,
     FLEET_DOCKER_TIMEOUT, FLEET_STOP_TIMEOUT, FLEET_NETWORK (a user-defined network, e.g. the
-    compose project's `vllm-fleet_default`, that created containers join with their service
-    name as alias).
+    compose project's, that created containers join with their service name as alias).
+
+    For a fleet that runs inside a container (the compose gateway): FLEET_UPSTREAM_HOST
+    (`service`: health waits, sleep and wake reach each replica by its service name, as the
+    gateway's traffic does; see fleet.addressing), FLEET_COMPOSE_PROJECT (containers the
+    fleet creates join that compose project, so `docker compose down` removes them) and
+    FLEET_BASE_DIR (the registry's directory on the Docker host, for relative bind paths).
     """
 
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", populate_by_name=True)
@@ -52,6 +58,9 @@ class FleetSettings(BaseSettings):
     docker_timeout: float = Field(default=DEFAULT_DOCKER_TIMEOUT, gt=0)
     stop_timeout: float = Field(default=DEFAULT_STOP_TIMEOUT, ge=0)
     network: str | None = None
+    upstream_host: str | None = None
+    compose_project: str | None = None
+    base_dir: str | None = None
 
     def labels(self) -> dict[str, str]:
         return parse_labels(self.extra_labels)
@@ -113,7 +122,7 @@ def build_fleet(
         registry,
         engine or DockerEngine(s.docker_host, timeout=s.docker_timeout),
         lock=SwitchLock(lock_path, timeout=s.lock_timeout, on_wait=progress),
-        probe=probe or HttpProbe(),
+        probe=addressed(probe or HttpProbe(), registry, s.upstream_host),
         clock=clock,
         busy=busy,
         last_used=last_used,
@@ -121,6 +130,8 @@ def build_fleet(
         name_prefix=s.name_prefix,
         extra_labels=s.labels(),
         network=s.network,
+        compose_project=s.compose_project or None,
+        base_dir=s.base_dir or None,
         environ=env,
         stop_timeout=s.stop_timeout,
     )

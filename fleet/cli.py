@@ -12,7 +12,8 @@
     logs MODEL [--replica I] [--follow] [--tail N]
     check [--json]           the planner's verdict on the registry (exit 2 on a violation)
     compose [--check] [--output PATH]
-                             render compose.yaml (`--check`: exit 1 with the diff on drift)
+                             render the registry's compose file (models.toml -> compose.yaml,
+                             models.X.toml -> compose.X.yaml; `--check`: exit 1 on drift)
     plan switch MODEL        what `switch` would do now (dry run)
 
 Data goes to stdout, progress and diagnostics to stderr. Exit codes: 0 ok, 1 failed
@@ -116,15 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common, json_opt],
                    help="validate the registry and its placement (exit 2 on a violation)")
     p = sub.add_parser("compose", parents=[common],
-                       help="render compose.yaml from the registry")
+                       help="render the registry's compose file (and the opt-in "
+                            "Docker-socket override)")
     p.add_argument("--output", "-o", metavar="PATH",
-                   help="where to write (default: compose.yaml beside the registry; '-' = stdout)")
+                   help="where to write (default: beside the registry, named after it: "
+                        "models.toml -> compose.yaml, models.X.toml -> compose.X.yaml, "
+                        "NAME.toml -> NAME.compose.yaml; '-' = stdout)")
     p.add_argument("--check", action="store_true",
                    help="compare with the existing file; exit 1 with the diff on drift")
     p.add_argument("--project", default="vllm-fleet", help="compose project name")
     p.add_argument("--stack", action="store_true",
                    help="render the stack file for `docker stack deploy` (a Swarm registry; "
                         "default output stack.yaml beside the registry)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an --output file rendered from another registry")
     p = sub.add_parser("plan", parents=[common], help="dry runs")
     plan_sub = p.add_subparsers(dest="plan_command", metavar="WHAT", required=True)
     p = plan_sub.add_parser("switch", parents=[common, json_opt],
@@ -215,11 +221,16 @@ def _cmd_check(registry: Registry, args: argparse.Namespace, out: TextIO, err: T
 def _cmd_compose(registry: Registry, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.stack:
         return _cmd_stack(registry, args, out, err)
-    from fleet.compose import compose_drift, render_compose
+    from fleet.compose import (
+        compose_drift,
+        compose_file_for,
+        generated_from,
+        render_compose,
+    )
 
     reg_path = Path(registry.source)
     target = Path(args.output) if args.output and args.output != "-" else \
-        reg_path.resolve().parent / "compose.yaml"
+        reg_path.resolve().parent / compose_file_for(reg_path)
     if args.output != "-":
         try:
             rel = os.path.relpath(reg_path.resolve(), target.resolve().parent)
@@ -230,13 +241,17 @@ def _cmd_compose(registry: Registry, args: argparse.Namespace, out: TextIO, err:
     from fleet.api import load_settings
 
     kw: dict[str, Any] = {"registry_path_in_repo": rel, "project": args.project,
-                          "name_prefix": load_settings().name_prefix}
+                          "name_prefix": load_settings().name_prefix,
+                          "output_name": target.name if args.output != "-" else None}
+    existing: str | None
+    try:
+        existing = target.read_text(encoding="utf-8") if args.output != "-" else None
+    except FileNotFoundError:
+        existing = None
     if args.check:
-        try:
-            existing = target.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            print(f"{target} does not exist; write it with `fleet compose --output {target}`",
-                  file=err)
+        if existing is None:
+            print(f"{target} does not exist; write it with `fleet compose --registry "
+                  f"{registry.source}`", file=err)
             return EXIT_FAILED
         diff = compose_drift(registry, existing, **kw)
         if diff is None:
@@ -244,14 +259,22 @@ def _cmd_compose(registry: Registry, args: argparse.Namespace, out: TextIO, err:
             return EXIT_OK
         out.write(diff)
         print(f"{target} differs from what {registry.source} renders; re-render it with "
-              f"`fleet compose --output {target}`", file=err)
+              f"`fleet compose --registry {registry.source}`", file=err)
         return EXIT_FAILED
     text = render_compose(registry, **kw)
     if args.output == "-":
         out.write(text)
         return EXIT_OK
+    source = generated_from(existing) if existing is not None else None
+    if existing is not None and source != rel and not args.force:
+        what = f"rendered from {source}" if source else "not rendered by `fleet compose`"
+        print(f"refusing to overwrite {target}: it is {what}, not {rel}. Render "
+              f"{registry.source} to its own file (the default: "
+              f"{compose_file_for(reg_path)} beside it), or pass --force", file=err)
+        return EXIT_USAGE
     target.write_text(text, encoding="utf-8")
     print(f"wrote {target}", file=err)
+    _write_socket_override(target.parent, err)
     print(str(target), file=out)
     return EXIT_OK
 
@@ -290,6 +313,23 @@ def _cmd_stack(registry: Registry, args: argparse.Namespace, out: TextIO, err: T
     print(f"wrote {target}", file=err)
     print(str(target), file=out)
     return EXIT_OK
+
+
+def _write_socket_override(directory: Path, err: TextIO) -> None:
+    """The opt-in Docker-socket override beside the compose file (same text for every
+    registry; rewritten only when it differs)."""
+    from fleet.compose import SOCKET_OVERRIDE_NAME, render_socket_override
+
+    path = directory / SOCKET_OVERRIDE_NAME
+    text = render_socket_override()
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except FileNotFoundError:
+        pass
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path} (opt-in: on-demand activation from the compose gateway; it mounts "
+          f"the Docker socket)", file=err)
 
 
 def _cmd_status(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -27,12 +27,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-if TYPE_CHECKING:
-    from fleet.registry import ModelSpec
+
+class ModelSpec(Protocol):
+    """What the cluster checks read of a model (fleet.registry.ModelSpec has it; a protocol,
+    so this module does not import the registry that imports it)."""
+
+    @property
+    def node(self) -> str | None: ...
+    @property
+    def node_labels(self) -> Mapping[str, str]: ...
+    @property
+    def gpus(self) -> tuple[int, ...]: ...
+    @property
+    def managed(self) -> bool: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def replica_slots(self) -> int: ...
 
 ENGINES = ("docker", "swarm")
 GPU_MODES = ("visible-devices", "generic-resource")

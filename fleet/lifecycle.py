@@ -30,6 +30,7 @@ from typing import Any
 
 from fleet.autoscale import replica_bounds
 from fleet.clock import Clock, SystemClock
+from fleet.compose import compose_member_labels, project_on_network
 from fleet.engine import (
     ContainerRecord,
     DockerUnreachable,
@@ -101,6 +102,7 @@ class Fleet:
         name_prefix: str = DEFAULT_NAME_PREFIX,
         extra_labels: Mapping[str, str] | None = None,
         network: str | None = None,
+        compose_project: str | None = None,
         environ: Mapping[str, str] | None = None,
         base_dir: str | None = None,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
@@ -118,6 +120,7 @@ class Fleet:
         self.name_prefix = name_prefix
         self.extra_labels = dict(extra_labels or {})
         self.network = network
+        self.compose_project = compose_project
         self.environ = os.environ if environ is None else environ
         if base_dir is None and registry.source:
             base_dir = str(Path(registry.source).resolve().parent)
@@ -158,8 +161,14 @@ class Fleet:
         kwargs["labels"] = {**kwargs.get("labels", {}), **self.extra_labels}
         net = network or self.network
         if net:
+            service = replica_service_name(name, replica)
             kwargs["network"] = net
-            kwargs["networking_config"] = {net: {"Aliases": [replica_service_name(name, replica)]}}
+            kwargs["networking_config"] = {net: {"Aliases": [service]}}
+            # On a compose project's network: join the project (`docker compose down` removes it).
+            project = self.compose_project or project_on_network(
+                self.engine.list_managed(self.extra_labels), net)
+            if project:
+                kwargs["labels"].update(compose_member_labels(project, service))
         return kwargs
 
     def model(self, name_or_alias: str) -> ModelSpec:

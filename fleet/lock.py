@@ -11,8 +11,10 @@ pid and command line into the file, so a waiter that times out can say who holds
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import socket
 import sys
 import threading
 import time
@@ -21,6 +23,9 @@ from pathlib import Path
 from types import TracebackType
 
 LOCK_ENV = "FLEET_LOCK_FILE"
+LOCK_DIR_ENV = "FLEET_LOCK_DIR"
+LOCK_NAME = "switch.lock"
+SHARED_LOCK_DIR = Path("/run/vllm-fleet")
 DEFAULT_LOCK_TIMEOUT = 600.0
 
 
@@ -38,21 +43,58 @@ class LockTimeout(RuntimeError):
         )
 
 
-def default_lock_path(environ: Mapping[str, str] | None = None) -> Path:
-    """`$FLEET_LOCK_FILE`, else `$XDG_RUNTIME_DIR/vllm-fleet.lock`, else `/tmp/vllm-fleet-<uid>.lock`."""
+class LockUnavailable(LockTimeout):
+    """The lock file cannot be opened at all (its directory belongs to another user). A
+    LockTimeout, so every caller that reports a lock it could not get reports this too."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        RuntimeError.__init__(
+            self,
+            f"cannot open the switch lock {path} ({reason}). Set {LOCK_DIR_ENV} to a directory "
+            f"you may write, and the same {LOCK_DIR_ENV} for `docker compose up` (it mounts that "
+            f"directory into the gateway), or run as the user that owns {path.parent}.")
+        self.path = path
+        self.timeout = 0.0
+        self.holder = ""
+
+
+def default_lock_path(environ: Mapping[str, str] | None = None, *,
+                      shared_dir: Path = SHARED_LOCK_DIR, uid: int | None = None) -> Path:
+    """Where the switch lock lives, first match wins:
+
+    1. `$FLEET_LOCK_FILE`;
+    2. `$FLEET_LOCK_DIR/switch.lock`;
+    3. `/run/vllm-fleet/switch.lock` for root, or when that directory exists: the directory
+       compose mounts into its gateway (`${FLEET_LOCK_DIR:-/run/vllm-fleet}`), so the host's
+       `fleet` and the compose gateway's activations serialize on the same lock;
+    4. `$XDG_RUNTIME_DIR/vllm-fleet.lock`, else `/tmp/vllm-fleet-<uid>.lock`.
+    """
     env = os.environ if environ is None else environ
     explicit = env.get(LOCK_ENV)
     if explicit:
         return Path(explicit)
+    lock_dir = env.get(LOCK_DIR_ENV)
+    if lock_dir:
+        return Path(lock_dir) / LOCK_NAME
+    user = os.getuid() if uid is None else uid
+    if user == 0 or shared_dir.is_dir():
+        return shared_dir / LOCK_NAME
     runtime_dir = env.get("XDG_RUNTIME_DIR")
     if runtime_dir and Path(runtime_dir).is_dir():
         return Path(runtime_dir) / "vllm-fleet.lock"
-    return Path(f"/tmp/vllm-fleet-{os.getuid()}.lock")
+    return Path(f"/tmp/vllm-fleet-{user}.lock")
 
 
 def _describe_self() -> str:
-    cmd = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))
-    return f"pid {os.getpid()}: {cmd or 'python'}"
+    """`pid N on HOST: COMMAND`. The host name tells a holder in a container (the compose
+    gateway, whose pid means nothing on the host) from a process of this machine."""
+    first = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if first is not None and first.name == "__main__.py":
+        program = f"python -m {first.parent.name}"   # `python -m gateway`, `python -m fleet`
+    else:
+        program = first.name if first is not None else "python"
+    cmd = " ".join([program, *sys.argv[1:]])
+    return f"pid {os.getpid()} on {socket.gethostname()}: {cmd}"
 
 
 class SwitchLock:
@@ -108,8 +150,19 @@ class SwitchLock:
         self._depth = 1
 
     def _acquire_file(self, deadline: float, limit: float) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise LockUnavailable(self.path, exc.strerror or str(exc)) from None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as exc:
+            # Another user's lock file (e.g. root's gateway made it): flock needs no write
+            # access, so take it read-only; the holder line is then not written.
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                raise LockUnavailable(self.path, exc.strerror or str(exc)) from None
         told = False
         try:
             while True:
@@ -123,8 +176,11 @@ class SwitchLock:
                         self._on_wait(f"waiting for the switch lock held by {self.holder() or 'another process'}")
                         told = True
                     time.sleep(self.poll_interval)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (self._describe() + "\n").encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (self._describe() + "\n").encode(), 0)
+            except OSError:
+                pass  # opened read-only: the lock holds, the holder line is not written
         except BaseException:
             os.close(fd)
             raise
@@ -137,7 +193,8 @@ class SwitchLock:
         if self._depth == 0 and self._fd is not None:
             fd, self._fd = self._fd, None
             try:
-                os.ftruncate(fd, 0)
+                with contextlib.suppress(OSError):  # read-only
+                    os.ftruncate(fd, 0)
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)

@@ -67,6 +67,10 @@ MODELS_TARGET = "/models"
 # Variables whose values are secrets: copied from the caller's environment at create time,
 # never stored in the registry, the spec, labels or compose.yaml.
 SECRET_ENV = ("HF_TOKEN",)
+# Bounded container logs (Docker's json-file driver): the same for containers the fleet
+# creates and for compose's services, so a chatty server never fills the disk.
+LOG_DRIVER = "json-file"
+LOG_OPTIONS: Mapping[str, str] = {"max-size": "20m", "max-file": "3"}
 _REFUSED_ENV = frozenset({*SECRET_ENV, "HUGGING_FACE_HUB_TOKEN"})
 SLEEP_MODE_ENV = "VLLM_SERVER_DEV_MODE"
 
@@ -289,6 +293,7 @@ def docker_run_kwargs(
         "ipc_mode": spec.ipc_mode,
         "healthcheck": dict(spec.healthcheck),
         "cpuset_cpus": spec.cpuset_cpus,
+        "log_config": {"type": LOG_DRIVER, "config": dict(LOG_OPTIONS)},
         "detach": True,
     }
     return {k: v for k, v in kwargs.items() if v is not None}

@@ -1,5 +1,6 @@
-"""The admitter the proxy uses today: per-model limits (`gateway.limits.Admission`) for the
-slot, then the fleet (`gateway.activation.Activator`) when the model sleeps.
+"""The old admitter (`GATEWAY_SCHEDULER=drain-wait`, kept to compare with the scheduler):
+per-model limits (`gateway.limits.Admission`) for the slot, then the fleet
+(`gateway.activation.Activator`) when the model sleeps.
 
 A model sleeps when the gateway put it to sleep (idle ttl, admin) or when its engine says so:
 a sleep-mode model put to sleep by `fleet switch`, say, whose vLLM would hold the request
@@ -11,13 +12,22 @@ replica failed to connect: one activation, then the replicas are tried again.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import httpx
 
-from gateway.ports import Release
+from gateway.limits import Admission
+from gateway.ports import Ticket
 from gateway.routing import Route
 from gateway.runtime import Runtime
 from gateway.state import RoutingState
+
+
+class _Slot:
+    __slots__ = ("release",)
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self.release = release
 
 
 class FleetAdmitter:
@@ -27,8 +37,9 @@ class FleetAdmitter:
         self.runtime = runtime
         self._sleep_seen: dict[str, tuple[float, bool]] = {}  # model -> (checked at, asleep)
 
-    async def admit(self, state: RoutingState, route: Route) -> Release:
+    async def admit(self, state: RoutingState, route: Route) -> Ticket:
         admission = state.admission[route.model]
+        assert isinstance(admission, Admission)  # this admitter's states hold Admission
         await admission.acquire()
         try:
             activator = self.runtime.activator
@@ -39,14 +50,14 @@ class FleetAdmitter:
         except BaseException:
             admission.release()
             raise
-        return admission.release
+        return _Slot(admission.release)
 
-    async def revive(self, route: Route) -> bool:
+    async def revive(self, route: Route, ticket: Ticket) -> Ticket | None:
         activator = self.runtime.activator
         if activator is None or not route.managed:
-            return False
+            return None
         await activator.activate(route.model)
-        return True
+        return ticket
 
     async def _engine_asleep(self, state: RoutingState, route: Route) -> bool:
         """Whether a sleep-mode model's engine sleeps (cached per model for

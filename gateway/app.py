@@ -30,10 +30,11 @@ from gateway.admit import FleetAdmitter
 from gateway.background import Background
 from gateway.listing import Listing
 from gateway.middleware import AccessMeter, RequestIdMiddleware, error_handlers
-from gateway.ports import FleetOpener
+from gateway.ports import Admitter, FleetOpener
 from gateway.proxy import MODEL_ENDPOINTS, Proxy
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
+from gateway.scheduler.runtime import Scheduler
 from gateway.settings import GatewaySettings
 from gateway.ui import GatewaySource, RecordingOpener, SwitchHistory
 from gateway.upstream import TransportFactory
@@ -69,7 +70,14 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     runtime.reloader = Reloader(runtime, registry_loader or functools.partial(
         load_registry_from_env, settings.registry))
     listing = Listing(runtime)
-    proxy = Proxy(runtime, FleetAdmitter(runtime))
+    admitter: Admitter
+    if settings.scheduler == "fair":
+        scheduler = Scheduler(settings, runtime.state, lambda: runtime.activator, runtime.clock)
+        runtime.use_scheduler(scheduler)
+        admitter = scheduler
+    else:
+        admitter = FleetAdmitter(runtime)
+    proxy = Proxy(runtime, admitter)
     background = Background(runtime, listing.healthy, reload_on_sighup=reload_on_sighup)
     meter = AccessMeter(runtime.metrics, settings.access_log)
     plain = meter.logged

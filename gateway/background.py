@@ -2,9 +2,11 @@
 
 - the probe loop: every `probe_interval`, ejected replicas whose /health answers 200 are
   brought back;
-- the idle loop (`gateway.activation.idle_loop`), once a fleet client exists: models idle
-  for their ttl are put to sleep; it reads the ttl of the routing state in force, so a reload
-  changes it, and a reload that adds the first managed model starts it;
+- the idle loop (`gateway.activation.idle_loop`, drain-wait admitter only), once a fleet
+  client exists: models idle for their ttl are put to sleep; it reads the ttl of the routing
+  state in force, so a reload changes it, and a reload that adds the first managed model
+  starts it. Under the scheduler (which decides idle ttl itself) its place is taken by the
+  scheduler's view of the fleet (`observe_loop`: `fleet status` every `observe_interval`);
 - the autoscaler, when a fleet client exists and a managed model is autoscaled;
 - SIGHUP (when asked for): a registry reload, in a task.
 Finished tasks (a reload, say) are dropped from the set the app cancels at the end.
@@ -66,6 +68,8 @@ class Background:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.runtime.scheduler is not None:
+                await self.runtime.scheduler.aclose()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -74,9 +78,15 @@ class Background:
         return task
 
     def start_idle_loop(self) -> None:
-        """Idle ttl: one loop over the ttl of the routing state in force (reloads included)."""
+        """Idle ttl: one loop over the ttl of the routing state in force (reloads included).
+        Under the scheduler, idle ttl is its decision; this starts its view of the fleet."""
         activator = self.runtime.activator
         if activator is None or self._idle_task is not None:
+            return
+        scheduler = self.runtime.scheduler
+        if scheduler is not None:
+            self._idle_task = self._spawn(scheduler.observe_loop(
+                self.runtime.settings.observe_interval))
             return
         self._idle_task = self._spawn(idle_loop(
             activator, _CurrentTtl(self.runtime), self.runtime.idle_for,

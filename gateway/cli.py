@@ -69,22 +69,32 @@ def main(argv: list[str] | None = None) -> int:
 def _fleet_opener(registry: Registry, settings: GatewaySettings) -> RegistryFleetOpener | None:
     """On-demand activation through the fleet's Python API (the app only opens the client
     once the registry has a managed model; a reload reopens it for the new registry)."""
-    return RegistryFleetOpener(registry) if settings.activation else None
+    return RegistryFleetOpener(registry, settings.upstream_host) if settings.activation else None
 
 
 class RegistryFleetOpener:
-    """Opens the fleet client for one registry; `for_registry` gives the next one's opener."""
+    """Opens the fleet client for one registry; `for_registry` gives the next one's opener.
 
-    def __init__(self, registry: Registry) -> None:
+    The fleet reaches the models where the gateway does (`upstream_host`, e.g. `service`
+    inside compose) unless FLEET_UPSTREAM_HOST says otherwise: its health waits must reach
+    the same servers the gateway's traffic goes to."""
+
+    def __init__(self, registry: Registry, upstream_host: str | None = None) -> None:
         self.registry = registry
+        self.upstream_host = upstream_host
 
     def __call__(self, busy: Callable[[str], bool], last_used: Callable[[str], float]) -> FleetPort:
-        from fleet.api import open_fleet  # Docker is reached lazily, on the first activation
+        # Docker is reached lazily, on the first activation
+        from fleet.api import load_settings, open_fleet
 
-        return open_fleet(self.registry, busy=busy, last_used=last_used)
+        settings = load_settings()
+        if settings.upstream_host is None and self.upstream_host is not None:
+            settings = settings.model_copy(update={"upstream_host": self.upstream_host})
+        return open_fleet(self.registry, settings, busy=busy, last_used=last_used)
 
     def for_registry(self, registry: Registry) -> RegistryFleetOpener:
-        return RegistryFleetOpener(registry)
+        return RegistryFleetOpener(registry, self.upstream_host)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -158,3 +158,11 @@ def method_not_allowed(method: str, path: str) -> GatewayError:
 def internal_error(request_id: str) -> GatewayError:
     return GatewayError(500, f"The gateway failed to handle this request (request id "
                              f"{request_id}); this is a bug, please report it with the id.")
+
+
+def client_gone(model: str) -> GatewayError:
+    """The client went away before its answer started (nobody reads this one: it is what
+    the access log and the metrics record, 499 as nginx names it)."""
+    return GatewayError(499, f"The client closed the request to model `{model}` before its "
+                             f"answer started; its place in line and its upstream request "
+                             f"were dropped.", err_type="ClientClosedRequest")

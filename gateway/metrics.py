@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,7 +43,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway.balancer import Balancer, Instance
-from gateway.limits import Admission
+
+if TYPE_CHECKING:
+    from gateway.state import LoadFigures
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -57,7 +59,7 @@ class LiveFigures(Protocol):
     """Per-model figures of one routing state (gateway/state.py's RoutingState)."""
 
     @property
-    def admission(self) -> Mapping[str, Admission]: ...
+    def admission(self) -> Mapping[str, LoadFigures]: ...
 
     @property
     def instances(self) -> Mapping[str, Sequence[Instance]]: ...

@@ -21,8 +21,6 @@ from gateway.metrics import GatewayMetrics
 from gateway.routing import Route
 from gateway.state import RoutingState
 
-Release = Callable[[], None]
-
 
 class FleetOpener(Protocol):
     """Opens the fleet client activations use, given the gateway's busy(model) and
@@ -37,17 +35,24 @@ class FleetOpener(Protocol):
                  last_used: Callable[[str], float]) -> FleetPort: ...
 
 
-class Admitter(Protocol):
-    """Who decides when a request to a model may go upstream."""
+class Ticket(Protocol):
+    """One admitted request's hold on its model: released once its answer is over."""
 
-    async def admit(self, state: RoutingState, route: Route) -> Release:
-        """Wait until a request to `route` may be sent (a slot, the model awake); return
-        what to call once its response is done. GatewayError (429, 503) when it may not."""
+    def release(self) -> None: ...
+
+
+class Admitter(Protocol):
+    """Who decides when a request to a model may go upstream: the scheduler
+    (gateway/scheduler/runtime.py), or the old drain-wait admitter (gateway/admit.py)."""
+
+    async def admit(self, state: RoutingState, route: Route) -> Ticket:
+        """Wait until a request to `route` may be sent (a slot, the model awake); the ticket
+        is released once its response is done. GatewayError (429, 503) when it may not."""
         ...
 
-    async def revive(self, route: Route) -> bool:
-        """Every replica of `route` failed before answering: try once to make the model
-        serve. False when there is no way to (the request then fails)."""
+    async def revive(self, route: Route, ticket: Ticket) -> Ticket | None:
+        """Every replica of `route` failed before answering: make the model serve again and
+        return the request's (new) ticket; None when there is no way to (it then fails)."""
         ...
 
 

@@ -16,6 +16,7 @@ may revive the model once (activation through the fleet) and the replicas are tr
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from gateway import auth, compat, errors, logs
 from gateway import body as bodies
 from gateway.balancer import Instance
 from gateway.middleware import request_id
-from gateway.ports import Admitter, Release
+from gateway.ports import Admitter, Ticket
 from gateway.relay import RelayResponse
 from gateway.routing import Route
 from gateway.runtime import Runtime
@@ -148,33 +149,47 @@ class Proxy:
         started: float = getattr(rstate, "started", None) or time.perf_counter()
         rstate.metered = True
         model = route.model
-        release: Release | None = None
+        ticket: list[Ticket] = []  # the request's hold on its model (revive may renew it)
+        watch: _Watch | None = None
         try:
             auth.authorize(getattr(rstate, "principal", None), model, state.aliases(model))
             if not admit:
                 response = await self._dispatch(request, state, route, method, path, payload,
-                                                revive=False)
+                                                None)
             else:
-                release = await self.admitter.admit(state, route)
+                # From here until the response starts, a client that goes away cancels the
+                # wait (its queue place, the upstream request: vLLM aborts the generation).
+                watch = _Watch(request.receive)
                 try:
+                    ticket.append(await self.admitter.admit(state, route))
                     response = await self._dispatch(request, state, route, method, path,
-                                                    payload, revive=True)
+                                                    payload, ticket)
                 except BaseException:
-                    release()
+                    if ticket:
+                        ticket[0].release()
                     raise
+                finally:
+                    watch.stop()
+        except asyncio.CancelledError:
+            if watch is None or not watch.gone():
+                raise
+            self._finished(request, model, 499, started)  # abandoned, not an error
+            raise errors.client_gone(model) from None
         except errors.GatewayError as exc:
             self._finished(request, model, exc.status, started)
             raise
         except Exception:
             self._finished(request, model, 500, started)
             raise
+        release = ticket[0].release if ticket else None
         return _Finally(response, functools.partial(
             self._response_sent, request, model, response.status_code, started, release))
 
     async def _dispatch(self, request: Request, state: RoutingState, route: Route, method: str,
-                        path: str, payload: bytes, *, revive: bool) -> Response:
+                        path: str, payload: bytes, revive: list[Ticket] | None) -> Response:
         """Send to the best replica; on a failure before any response byte, try the next
-        replica, then (with `revive`) let the admitter revive the model once."""
+        replica, then (with the request's ticket in `revive`) let the admitter revive the
+        model once."""
         rid = request.state.request_id
         headers = [(k, v) for k, v in request.headers.raw
                    if k.decode("latin-1") not in _HOP and k != b"x-request-id"]
@@ -190,9 +205,12 @@ class Proxy:
         while True:
             inst = balancer.pick(replicas, exclude=tried)
             if inst is None:
-                if revive and not revived and await self.admitter.revive(route):
-                    revived, tried = True, []
-                    continue
+                if revive and not revived:
+                    renewed = await self.admitter.revive(route, revive[0])
+                    if renewed is not None:
+                        revive[0] = renewed
+                        revived, tried = True, []
+                        continue
                 assert failure is not None
                 raise failure
             client = self.runtime.upstreams.client(inst.base_url)
@@ -225,7 +243,7 @@ class Proxy:
 
     # -- metering -------------------------------------------------------------------------
     def _response_sent(self, request: Request, model: str, status: int, started: float,
-                       release: Release | None) -> None:
+                       release: Callable[[], None] | None) -> None:
         if release is not None:
             release()
         self._finished(request, model, status, started)
@@ -262,3 +280,35 @@ class _Finally(Response):
             await self.inner(scope, receive, send)
         finally:
             self.done()
+
+
+class _Watch:
+    """Watches the client while a request waits (queue, activation, upstream headers): a
+    disconnect cancels the waiting task. One task; stopped before the response starts (the
+    relay watches from there on)."""
+
+    __slots__ = ("_gone", "_task")
+
+    def __init__(self, receive: Receive) -> None:
+        self._gone = False
+        waiter = asyncio.current_task()
+        assert waiter is not None
+        self._task = asyncio.get_running_loop().create_task(self._watch(receive, waiter))
+
+    async def _watch(self, receive: Receive, waiter: asyncio.Task[Any]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._gone = True
+                waiter.cancel()
+                return
+
+    def gone(self) -> bool:
+        """The client left (and the cancellation was this watch's): uncancel the task."""
+        if not self._gone:
+            return False
+        task = asyncio.current_task()
+        return task is None or task.uncancel() == 0
+
+    def stop(self) -> None:
+        self._task.cancel()

@@ -19,6 +19,7 @@ from gateway.balancer import Balancer
 from gateway.metrics import GatewayMetrics, MeteredFleet
 from gateway.ports import FleetOpener
 from gateway.reload import Reloader
+from gateway.scheduler.runtime import Scheduler
 from gateway.settings import GatewaySettings
 from gateway.state import RoutingState, build_state
 from gateway.upstream import TransportFactory, Upstreams
@@ -45,17 +46,28 @@ class Runtime:
         self.fleet_opener = fleet_opener
         # Called when a reload opens the first fleet client while serving (starts idle ttl).
         self.on_activator: Callable[[], None] | None = None
+        # The scheduler (gateway/scheduler/), set by create_app unless GATEWAY_SCHEDULER is
+        # drain-wait: it owns the per-model figures the state exposes as `admission`.
+        self.scheduler: Scheduler | None = None
         self.state: RoutingState = self._build(registry, None)
         self.open_fleet(registry)
 
     def _build(self, registry: Registry, previous: RoutingState | None) -> RoutingState:
+        figures = self.scheduler.core.models if self.scheduler is not None else None
         state = build_state(registry, self.settings, previous, clock=self.clock,
-                            base_timeout=self.upstreams.timeout)
+                            base_timeout=self.upstreams.timeout, figures=figures)
         self.upstreams.open(state.table.base_urls())
         return state
 
+    def use_scheduler(self, scheduler: Scheduler) -> None:
+        """Admission by `scheduler` from now on (create_app, before serving)."""
+        self.scheduler = scheduler
+        self.state = self._build(self.state.registry, self.state)
+
     def apply(self, registry: Registry) -> None:
         """Route by `registry` from now on; replicas and counters of kept models carry over."""
+        if self.scheduler is not None:
+            self.scheduler.reconfigure(registry)
         self.state = self._build(registry, self.state)
         if self.autoscaler is not None:
             self.autoscaler.set_models(registry.models)
@@ -64,6 +76,8 @@ class Runtime:
         """A reload: `apply`, then reopen the fleet client for `registry`."""
         self.apply(registry)
         self.open_fleet(registry, reload=True)
+        if self.scheduler is not None:  # the fleet client may be new: models become shared
+            self.scheduler.reconfigure(registry)
 
     def open_fleet(self, registry: Registry, *, reload: bool = False) -> None:
         """Open (or, on reload, reopen for `registry`) the fleet client activations use,
@@ -95,8 +109,13 @@ class Runtime:
 
     # -- figures the fleet, idle ttl and autoscaling read (from worker threads too) --------
     def busy(self, model: str) -> bool:
+        """Whether the fleet must not evict `model`. Under the scheduler only requests in
+        flight count: it drains a model before it evicts it, and that model's queued
+        requests wait for its next turn."""
         adm = self.state.admission.get(model)
-        return adm is not None and (adm.in_flight > 0 or adm.waiting > 0)
+        if adm is None:
+            return False
+        return adm.in_flight > 0 or (self.scheduler is None and adm.waiting > 0)
 
     def last_used(self, model: str) -> float:
         adm = self.state.admission.get(model)

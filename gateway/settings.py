@@ -69,5 +69,17 @@ class GatewaySettings(BaseSettings):
     idle_check_interval: float = Field(default=5.0, gt=0, description="idle ttl check period")
     probe_interval: float = Field(default=2.0, gt=0, description="re-probe ejected replicas")
     autoscale_interval: float = Field(default=5.0, gt=0, description="autoscaling sample period")
+    # The scheduler (gateway/scheduler/): who holds the GPUs or cores, who waits, who drains.
+    scheduler: Literal["fair", "drain-wait"] = Field(
+        default="fair", description="fair: models take turns (drain after a quantum, longest "
+        "wait next); drain-wait: the old behaviour (a switch waits for idleness), kept to compare")
+    quantum_floor: float = Field(
+        default=5.0, gt=0, description="least seconds a model keeps the resource while rivals wait")
+    switch_share: float = Field(
+        default=0.2, gt=0, lt=1, description="quantum = switch cost x (1-share)/share: switching "
+        "takes at most this share of the time")
+    observe_interval: float = Field(
+        default=5.0, gt=0, description="seconds between reads of the fleet's state (sees `fleet "
+        "switch` from the host)")
     sleep_check_interval: float = Field(
         default=1.0, ge=0, description="how long an /is_sleeping answer is trusted")

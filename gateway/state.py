@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
@@ -31,7 +32,7 @@ class RoutingState:
 
     table: RoutingTable
     instances: Mapping[str, tuple[Instance, ...]]
-    admission: Mapping[str, Admission]
+    admission: Mapping[str, LoadFigures]  # the scheduler's per-model figures (or Admission)
     timeouts: Mapping[str, httpx.Timeout | None]  # None: the upstream clients' own
     ttl: Mapping[str, float]                      # managed models with an idle ttl
 
@@ -44,8 +45,28 @@ class RoutingState:
         return spec.aliases if spec is not None else ()
 
 
+class LoadFigures(Protocol):
+    """A model's live figures: `gateway.scheduler`'s per-model record, or the drain-wait
+    admitter's `gateway.limits.Admission`."""
+
+    in_flight: int
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def last_used(self) -> float: ...
+
+    @property
+    def max_concurrency(self) -> int | None: ...
+
+    @property
+    def max_queue(self) -> int: ...
+
+
 def build_state(registry: Registry, settings: GatewaySettings, previous: RoutingState | None,
-                *, clock: Callable[[], float], base_timeout: httpx.Timeout) -> RoutingState:
+                *, clock: Callable[[], float], base_timeout: httpx.Timeout,
+                figures: Mapping[str, LoadFigures] | None = None) -> RoutingState:
     """The state for `registry`; kept models of `previous` keep their replicas and admission.
 
     `base_timeout` is the upstream clients' timeout, which a model's `connect_timeout` or
@@ -53,18 +74,21 @@ def build_state(registry: Registry, settings: GatewaySettings, previous: Routing
     """
     table = RoutingTable(registry, settings.upstream_host)
     instances: dict[str, tuple[Instance, ...]] = {}
-    admission: dict[str, Admission] = {}
+    admission: dict[str, LoadFigures] = {}
     timeouts: dict[str, httpx.Timeout | None] = {}
     for name, route in table.routes.items():
         spec = registry.models[name]
         old = {i.base_url: i for i in previous.instances.get(name, ())} if previous else {}
         instances[name] = tuple(old.get(url) or Instance(name, idx, url)
                                 for idx, url in enumerate(route.replicas))
-        kept = previous.admission.get(name) if previous else None
-        adm = kept or Admission(name, None, 0, 1.0, clock)
-        adm.max_concurrency, adm.max_queue = spec.max_concurrency, spec.max_queue
-        adm.queue_timeout = spec.queue_timeout
-        admission[name] = adm
+        if figures is not None and name in figures:
+            admission[name] = figures[name]
+        else:
+            kept = previous.admission.get(name) if previous else None
+            adm = kept if isinstance(kept, Admission) else Admission(name, None, 0, 1.0, clock)
+            adm.max_concurrency, adm.max_queue = spec.max_concurrency, spec.max_queue
+            adm.queue_timeout = spec.queue_timeout
+            admission[name] = adm
         timeouts[name] = _timeout(spec, base_timeout)
     ttl = {n: m.ttl for n, m in registry.models.items() if m.ttl and m.managed}
     return RoutingState(table, instances, admission, timeouts, ttl)

@@ -134,7 +134,8 @@ def test_docker_unreachable_exits_1_with_the_message(cli, world) -> None:  # typ
     assert r.err.strip() == "fleet: cannot reach the Docker daemon at tcp://x: is dockerd running?"
 
 
-def test_real_engine_against_a_closed_port_exits_1(cli, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_real_engine_against_a_closed_port_exits_1(cli, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("FLEET_LOCK_FILE", str(tmp_path / "lock"))  # never the machine's lock
     monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:1")
     r = cli("status", fake=False)
     assert r.code == 1
@@ -183,6 +184,33 @@ def test_compose_writes_and_checks_drift(cli, registry_file: Path, tmp_path: Pat
     r = cli("compose", "--check")
     assert r.code == 1 and "-" in r.out and "18011" in r.out and "re-render" in r.err
     assert cli("compose", "--output", "-").out.startswith("# generated from models.toml")
+
+
+def test_compose_one_file_per_registry(cli, registry_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """models.cpu.toml renders compose.cpu.yaml beside it; --check compares with that file;
+    rendering one registry never overwrites another's file."""
+    cpu = tmp_path / "models.cpu.toml"
+    cpu.write_text(registry_file.read_text().replace("18001", "18301"))
+    assert cli("compose").code == 0
+    main_text = (tmp_path / "compose.yaml").read_text()
+    r = cli("compose", registry=cpu)
+    assert r.code == 0 and r.out.strip() == str(tmp_path / "compose.cpu.yaml")
+    cpu_text = (tmp_path / "compose.cpu.yaml").read_text()
+    assert cpu_text.startswith("# generated from models.cpu.toml") and "18301" in cpu_text
+    assert (tmp_path / "compose.yaml").read_text() == main_text      # untouched
+    assert (tmp_path / "compose.docker-socket.yaml").is_file()      # the opt-in override
+    assert cli("compose", "--check", registry=cpu).code == 0
+    assert cli("compose", "--check").code == 0
+    # another registry's file is refused as an explicit output (exit 2), unless --force
+    r = cli("compose", "--output", str(tmp_path / "compose.yaml"), registry=cpu)
+    assert r.code == 2 and "rendered from models.toml" in r.err and "--force" in r.err
+    assert (tmp_path / "compose.yaml").read_text() == main_text
+    hand_made = tmp_path / "mine.yaml"
+    hand_made.write_text("services: {}\n")
+    r = cli("compose", "--output", str(hand_made), registry=cpu)
+    assert r.code == 2 and "not rendered by `fleet compose`" in r.err
+    assert cli("compose", "--output", str(hand_made), "--force", registry=cpu).code == 0
+    assert hand_made.read_text().startswith("# generated from models.cpu.toml")
 
 
 def test_logs(cli, world) -> None:  # type: ignore[no-untyped-def]

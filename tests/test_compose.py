@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleet.compose import compose_drift, render_compose
+from fleet.compose import (
+    compose_drift,
+    compose_file_for,
+    compose_member_labels,
+    generated_from,
+    project_on_network,
+    render_compose,
+    render_socket_override,
+)
 from fleet.planner import fleet_specs
 from fleet.registry import load_registry, parse_registry
 
@@ -166,9 +174,8 @@ def test_autoscale_slots_get_their_own_profile() -> None:
     # an on-demand model: its initial replicas on demand, the other slots autoscale
     assert svc["vllm-lazy"]["profiles"] == svc["vllm-lazy-r1"]["profiles"] == ["on-demand"]
     assert svc["vllm-lazy-r2"]["profiles"] == ["autoscale"]
-    # the gateway waits for what `docker compose up` starts
-    assert list(svc["gateway"]["depends_on"]) == ["vllm-chat", "vllm-pool", "vllm-pool-r1",
-                                                  "vllm-auto"]
+    # the gateway starts without waiting for the models (it answers 503 itself)
+    assert "depends_on" not in svc["gateway"]
 
 
 def test_hf_token_is_interpolated_never_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,14 +194,87 @@ def test_gateway_service() -> None:
     gw = doc()["services"]["gateway"]
     assert gw["build"] == {"context": ".", "dockerfile": "docker/gateway.Dockerfile"}
     assert gw["image"] == "vllm-fleet/gateway:dev"
-    assert gw["ports"] == [{"target": 8000, "published": "8000", "host_ip": "127.0.0.1",
-                            "protocol": "tcp"}]
-    assert gw["volumes"] == ["./models.toml:/etc/vllm-fleet/models.toml:ro"]
-    assert gw["environment"] == {"FLEET_REGISTRY": "/etc/vllm-fleet/models.toml",
-                                 "GATEWAY_UPSTREAM_HOST": "service", "GATEWAY_HOST": "0.0.0.0"}
-    # Only autostart models are waited for; tiny is on demand.
-    assert gw["depends_on"] == {"vllm-chat": {"condition": "service_healthy"}}
+    assert gw["ports"] == [{"target": 8000, "published": "${VLLM_FLEET_GATEWAY_PORT:-8000}",
+                            "host_ip": "127.0.0.1", "protocol": "tcp"}]
+    assert gw["volumes"] == ["./models.toml:/etc/vllm-fleet/models.toml:ro",
+                             "${FLEET_LOCK_DIR:-/run/vllm-fleet}:/run/vllm-fleet"]
+    assert gw["environment"] == {
+        "FLEET_REGISTRY": "/etc/vllm-fleet/models.toml",
+        "GATEWAY_UPSTREAM_HOST": "service", "GATEWAY_HOST": "0.0.0.0",
+        # its fleet reaches the models by service name, creates them on the project's
+        # network as members of the project, and shares the host's lock directory
+        "FLEET_UPSTREAM_HOST": "service", "FLEET_NETWORK": "vllm-fleet",
+        "FLEET_COMPOSE_PROJECT": "vllm-fleet", "FLEET_NAME_PREFIX": "vllm-fleet",
+        "FLEET_LOCK_DIR": "/run/vllm-fleet", "FLEET_BASE_DIR": "${FLEET_BASE_DIR:-${PWD}}"}
+    # It starts at once (no depends_on: it answers 503 for a model that is not up) and has
+    # its own health check.
+    assert "depends_on" not in gw
+    assert gw["healthcheck"]["test"][-1] == "http://127.0.0.1:8000/health"
+    assert gw["restart"] == "unless-stopped"
+    assert gw["logging"]["driver"] == "json-file"
     assert gw["cpuset"] == "0"
+
+
+def test_model_services_restart_and_bounded_logs() -> None:
+    for name, svc in doc()["services"].items():
+        assert svc["restart"] == "unless-stopped", name
+        assert svc["logging"] == {"driver": "json-file",
+                                  "options": {"max-size": "20m", "max-file": "3"}}, name
+
+
+def test_the_project_network_is_named_after_the_project() -> None:
+    assert doc()["networks"] == {"default": {"name": "vllm-fleet"}}
+    named = yaml.safe_load(render_compose(reg(), project="demo"))
+    assert named["networks"] == {"default": {"name": "demo"}}
+    assert named["services"]["gateway"]["environment"]["FLEET_NETWORK"] == "demo"
+    assert named["services"]["gateway"]["environment"]["FLEET_COMPOSE_PROJECT"] == "demo"
+    assert named["services"]["gateway"]["environment"]["FLEET_NAME_PREFIX"] == "demo"
+
+
+@pytest.mark.parametrize(("registry", "expected"), [
+    ("models.toml", "compose.yaml"),
+    ("conf/models.toml", "compose.yaml"),
+    ("models.cpu.toml", "compose.cpu.yaml"),
+    ("/etc/x/models.gpu.big.toml", "compose.gpu.big.yaml"),
+    ("fleet.toml", "fleet.compose.yaml"),
+    ("lab.json", "lab.compose.yaml"),
+])
+def test_one_compose_file_per_registry(registry: str, expected: str) -> None:
+    assert compose_file_for(registry) == expected
+
+
+def test_header_names_the_registry_and_its_file() -> None:
+    text = render_compose(reg(), registry_path_in_repo="models.cpu.toml")
+    assert generated_from(text) == "models.cpu.toml"
+    assert "writes compose.cpu.yaml" in text.split("name:", 1)[0]
+    assert "docker compose -f compose.cpu.yaml up -d" in text
+    assert generated_from("services: {}\n") is None
+
+
+def test_socket_override_is_opt_in_and_says_what_it_grants() -> None:
+    text = render_socket_override()
+    d = yaml.safe_load(text)
+    assert d == {"services": {"gateway": {
+        "volumes": ["/var/run/docker.sock:/var/run/docker.sock"],
+        "environment": {"HF_TOKEN": "${HF_TOKEN:-}"}}}}
+    assert "root" in text and "full control of the Docker daemon" in text
+    # the main file never mounts the socket
+    assert "docker.sock" not in render_compose(reg())
+
+
+def test_compose_membership_labels() -> None:
+    from types import SimpleNamespace
+
+    labels = compose_member_labels("demo", "vllm-tiny")
+    assert labels["com.docker.compose.project"] == "demo"
+    assert labels["com.docker.compose.service"] == "vllm-tiny"
+    assert labels["com.docker.compose.oneoff"] == "False"
+    assert labels["com.docker.compose.config-hash"]  # compose lists only containers with one
+    on = SimpleNamespace(labels={"com.docker.compose.project": "demo"}, networks=("demo",))
+    off = SimpleNamespace(labels={"com.docker.compose.project": "x"}, networks=("other",))
+    bare = SimpleNamespace(labels={}, networks=("demo",))
+    assert project_on_network([off, bare, on], "demo") == "demo"
+    assert project_on_network([off, bare], "demo") is None
 
 
 def test_registry_path_and_project_options() -> None:
@@ -203,7 +283,7 @@ def test_registry_path_and_project_options() -> None:
     assert text.startswith("# generated from conf/models.toml")
     assert d["name"] == "demo"
     assert d["services"]["vllm-chat"]["container_name"] == "demo-chat"
-    assert d["services"]["gateway"]["volumes"] == ["./conf/models.toml:/etc/vllm-fleet/models.toml:ro"]
+    assert d["services"]["gateway"]["volumes"][0] == "./conf/models.toml:/etc/vllm-fleet/models.toml:ro"
     named = yaml.safe_load(render_compose(reg(), project="demo", name_prefix="vllm-fleet"))
     assert named["services"]["vllm-chat"]["container_name"] == "vllm-fleet-chat"
 
@@ -227,8 +307,18 @@ def test_drift_reports_whitespace_only_changes() -> None:
     assert compose_drift(r, render_compose(r).rstrip("\n")) is not None
 
 
-def test_committed_compose_yaml_matches_models_toml() -> None:
-    registry = load_registry(ROOT / "models.toml")
-    committed = (ROOT / "compose.yaml").read_text(encoding="utf-8")
-    drift = compose_drift(registry, committed)
-    assert drift is None, f"compose.yaml is stale; run `fleet compose --output compose.yaml`:\n{drift}"
+@pytest.mark.parametrize(("registry_name", "compose_name"), [
+    ("models.toml", "compose.yaml"), ("models.cpu.toml", "compose.cpu.yaml")])
+def test_committed_compose_files_match_their_registries(registry_name: str,
+                                                        compose_name: str) -> None:
+    registry = load_registry(ROOT / registry_name)
+    committed = (ROOT / compose_name).read_text(encoding="utf-8")
+    drift = compose_drift(registry, committed, registry_path_in_repo=registry_name)
+    assert drift is None, (f"{compose_name} is stale; run `fleet compose --registry "
+                           f"{registry_name}`:\n{drift}")
+
+
+def test_committed_socket_override_is_current() -> None:
+    committed = (ROOT / "compose.docker-socket.yaml").read_text(encoding="utf-8")
+    assert committed == render_socket_override(), (
+        "compose.docker-socket.yaml is stale; run `fleet compose`")

@@ -63,7 +63,10 @@ def _docker() -> str:
 def _config(tmp_path: Path, compose_text: str, registry_text: str, *args: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "compose.yaml").write_text(compose_text, encoding="utf-8")
     (tmp_path / "models.toml").write_text(registry_text, encoding="utf-8")
-    env = {**os.environ, "HF_TOKEN": SECRET, "HOME": str(tmp_path / "home")}
+    env = {**os.environ, "HF_TOKEN": SECRET, "HOME": str(tmp_path / "home"),
+           "PWD": str(tmp_path)}  # as a shell sets it after `cd` to the registry's directory
+    for name in ("FLEET_BASE_DIR", "FLEET_LOCK_DIR", "VLLM_FLEET_GATEWAY_PORT"):
+        env.pop(name, None)
     return subprocess.run([_docker(), "compose", "-f", str(tmp_path / "compose.yaml"), *args],
                           capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
 
@@ -117,7 +120,13 @@ def test_cpu_registry_resolves_like_the_fleet_spec(tmp_path: Path) -> None:
     assert cfg["volumes"]["vllm-compile-cache"]["name"] == "vllm-compile-cache"
     assert "deploy" not in tiny
     gateway = cfg["services"]["gateway"]
-    assert gateway["depends_on"]["vllm-tiny"]["condition"] == "service_healthy"
+    # the gateway starts without waiting for the models; it has its own health check
+    assert "depends_on" not in gateway
+    assert gateway["healthcheck"]["test"][-1] == "http://127.0.0.1:8000/health"
+    assert gateway["environment"]["FLEET_BASE_DIR"] == str(tmp_path)   # ${PWD} of `up`
+    assert str(gateway["ports"][0]["published"]) == "8000"
+    assert tiny["restart"] == "unless-stopped" and tiny["logging"]["driver"] == "json-file"
+    assert cfg["networks"]["default"]["name"] == "vllm-fleet"
     on_demand = _resolved(tmp_path, text, CPU_REGISTRY, "--profile", "on-demand")
     assert on_demand["services"]["vllm-other"]["container_name"] == specs["other"].name
 
@@ -137,3 +146,19 @@ def test_autoscale_slots_start_only_with_their_profile(tmp_path: Path) -> None:
     assert r1["labels"]["io.vllm-fleet.replica"] == "1"
     assert r1["ports"][0]["target"] == 18111 and str(r1["ports"][0]["published"]) == "18111"
     assert r1["cpuset"] != scaled["services"]["vllm-auto"]["cpuset"]
+
+
+def test_shipped_cpu_compose_file_with_the_socket_override_is_valid(tmp_path: Path) -> None:
+    for name in ("compose.cpu.yaml", "models.cpu.toml", "compose.docker-socket.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text(encoding="utf-8"), encoding="utf-8")
+    env = {**os.environ, "HF_TOKEN": SECRET, "PWD": str(tmp_path)}
+    done = subprocess.run(
+        [_docker(), "compose", "-f", "compose.cpu.yaml", "-f", "compose.docker-socket.yaml",
+         "--profile", "*", "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    gateway = json.loads(done.stdout)["services"]["gateway"]
+    targets = {v["target"]: v["source"] for v in gateway["volumes"]}
+    assert targets["/var/run/docker.sock"] == "/var/run/docker.sock"
+    assert targets["/etc/vllm-fleet/models.toml"] == str(tmp_path / "models.cpu.toml")
+    assert gateway["environment"]["HF_TOKEN"] == SECRET   # only through the override

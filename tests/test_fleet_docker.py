@@ -144,8 +144,12 @@ def test_adopts_containers_made_by_docker_compose(make_fleet: Callable[..., Flee
         fleet.ok("switch", "sim-b")
         nets = json.loads(docker_cli("inspect", "--format", "{{json .NetworkSettings.Networks}}",
                                      f"{fleet.prefix}-sim-b").stdout)
-        assert list(nets) == [f"{project}_default"]
-        assert "vllm-sim-b" in nets[f"{project}_default"]["Aliases"]
+        assert list(nets) == [project]  # the rendered file names the network after the project
+        assert "vllm-sim-b" in nets[project]["Aliases"]
+        # ... and as one of the project's containers, so `docker compose down` removes it
+        labels = json.loads(docker_cli("inspect", "--format", "{{json .Config.Labels}}",
+                                       f"{fleet.prefix}-sim-b").stdout)
+        assert labels["com.docker.compose.project"] == project
         assert fleet.states()["sim-a"] == "sleeping"
         fleet.ok("down")
     finally:

@@ -362,6 +362,28 @@ def test_a_configured_network_wins(world: FakeWorld, tmp_path: Path) -> None:
     assert "network" not in make_fleet(FakeWorld(), make_registry(), tmp_path).run_kwargs("a")
 
 
+def test_containers_made_on_a_compose_network_join_its_project(fleet: Fleet,
+                                                                world: FakeWorld) -> None:
+    # made by `docker compose up`: the project label; `docker compose down` must remove the
+    # container the fleet adds to it, so the new one carries the project's labels
+    world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"),
+                        networks=("proj",), labels={"com.docker.compose.project": "proj"})
+    fleet.switch("c")
+    (c,) = world.by_model("c")
+    assert c.labels["com.docker.compose.project"] == "proj"
+    assert c.labels["com.docker.compose.service"] == "vllm-c"
+    assert c.labels["com.docker.compose.oneoff"] == "False"
+
+
+def test_a_configured_compose_project_labels_what_the_fleet_creates(
+        world: FakeWorld, tmp_path: Path) -> None:
+    # the compose gateway's fleet: no autostart peer to learn the project from
+    fleet = make_fleet(world, make_registry(), tmp_path, network="proj", compose_project="proj")
+    assert fleet.run_kwargs("c")["labels"]["com.docker.compose.project"] == "proj"
+    plain = make_fleet(FakeWorld(), make_registry(), tmp_path, network="net")
+    assert "com.docker.compose.project" not in plain.run_kwargs("c")["labels"]
+
+
 # -- replicas ------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.lock import LockTimeout, SwitchLock, default_lock_path
+from fleet.lock import LockTimeout, LockUnavailable, SwitchLock, default_lock_path
 
 pytestmark = pytest.mark.unit
 
@@ -128,6 +128,52 @@ def test_reentrant_in_one_thread_exclusive_between_threads(tmp_path: Path) -> No
 
 
 def test_default_path(tmp_path: Path) -> None:
-    assert default_lock_path({"FLEET_LOCK_FILE": "/x/l"}) == Path("/x/l")
-    assert default_lock_path({"XDG_RUNTIME_DIR": str(tmp_path)}) == tmp_path / "vllm-fleet.lock"
-    assert default_lock_path({}) == Path(f"/tmp/vllm-fleet-{os.getuid()}.lock")
+    missing = tmp_path / "no-shared-dir"
+    assert default_lock_path({"FLEET_LOCK_FILE": "/x/l", "FLEET_LOCK_DIR": "/d"}) == Path("/x/l")
+    assert default_lock_path({"FLEET_LOCK_DIR": "/d"}, uid=0) == Path("/d/switch.lock")
+    # Root, or anyone once compose made the shared directory, uses the directory compose
+    # mounts into its gateway.
+    assert default_lock_path({}, shared_dir=missing, uid=0) == missing / "switch.lock"
+    assert default_lock_path({}, shared_dir=tmp_path, uid=1000) == tmp_path / "switch.lock"
+    assert default_lock_path({"XDG_RUNTIME_DIR": str(tmp_path)}, shared_dir=missing,
+                             uid=1000) == tmp_path / "vllm-fleet.lock"
+    assert default_lock_path({}, shared_dir=missing, uid=1000) == Path("/tmp/vllm-fleet-1000.lock")
+
+
+def test_a_lock_file_it_may_not_write_is_still_a_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's lock file (root's compose gateway made it): taken read-only."""
+    path = tmp_path / "switch.lock"
+    path.write_text("pid 1: gateway\n")
+    real_open = os.open
+
+    def no_write(p: str | os.PathLike[str], flags: int, *a: int) -> int:
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_write)
+    first = SwitchLock(path, timeout=0.2)
+    with first:
+        assert first.held
+        script = ("import sys; from fleet.lock import SwitchLock, LockTimeout\n"
+                  "try:\n SwitchLock(sys.argv[1], timeout=0.2).acquire()\nexcept LockTimeout:\n"
+                  " sys.exit(3)")
+        other = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                               timeout=60, check=False,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert other.returncode == 3, other.stderr
+    assert not first.held
+    assert path.read_text() == "pid 1: gateway\n"  # nothing written through a read-only fd
+
+
+def test_a_lock_it_cannot_open_says_how_to_move_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(p: str | os.PathLike[str], flags: int, *a: int) -> int:
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(LockTimeout, match="FLEET_LOCK_DIR") as info:
+        SwitchLock(tmp_path / "switch.lock", timeout=0.2).acquire()
+    assert isinstance(info.value, LockUnavailable)
+    assert "Permission denied" in str(info.value)

@@ -345,3 +345,9 @@ def test_cpu_model_sleep_mode_uses_dev_mode_without_the_flag() -> None:
     spec = container_spec(reg, "c")
     assert "--enable-sleep-mode" not in spec.command
     assert spec.environment["VLLM_SERVER_DEV_MODE"] == "1"
+
+
+def test_containers_keep_bounded_json_file_logs() -> None:
+    kw = docker_run_kwargs(container_spec(reg(), "chat"), {})
+    assert kw["log_config"] == {"type": "json-file",
+                                "config": {"max-size": "20m", "max-file": "3"}}

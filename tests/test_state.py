@@ -72,6 +72,11 @@ def test_the_state_is_frozen() -> None:
         state.table = build(AFTER).table  # type: ignore[misc]
 
 
+class _Ticket:
+    def __init__(self, release: Callable[[], None]) -> None:
+        self.release = release
+
+
 class CountingAdmitter:
     """An admitter that records what the proxy asks of it."""
 
@@ -81,13 +86,13 @@ class CountingAdmitter:
         self.revived: list[str] = []
         self.can_revive = revive
 
-    async def admit(self, state: RoutingState, route: Route) -> Callable[[], None]:
+    async def admit(self, state: RoutingState, route: Route) -> _Ticket:
         self.admitted.append(route.model)
-        return lambda: self.released.append(route.model)
+        return _Ticket(lambda: self.released.append(route.model))
 
-    async def revive(self, route: Route) -> bool:
+    async def revive(self, route: Route, ticket: _Ticket) -> _Ticket | None:
         self.revived.append(route.model)
-        return self.can_revive and len(self.revived) == 1
+        return ticket if self.can_revive and len(self.revived) == 1 else None
 
 
 def app_with(admitter: CountingAdmitter) -> Starlette:

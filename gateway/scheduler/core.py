@@ -1,0 +1,397 @@
+"""The scheduler's decisions: who holds the resource, who waits, who drains, who is next.
+
+A pure state machine: `SchedulerCore.handle(event)` takes an event stamped with its time and
+returns the actions the gateway carries out (admit a request, reject one, drain a model, start
+a switch, put an idle model to sleep). No clock, no I/O, no asyncio: tests drive it with a
+simulated clock and a recording world (tests/support/sched_sim.py).
+
+The policy is described in the package docstring (gateway/scheduler/__init__.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from gateway.scheduler import explain, room
+from gateway.scheduler.costs import SwitchCosts
+from gateway.scheduler.events import (
+    Action,
+    Admit,
+    Arrive,
+    BringUp,
+    Done,
+    Drain,
+    Event,
+    Leave,
+    Lost,
+    Observed,
+    PutToSleep,
+    Reject,
+    Residency,
+    SleepDone,
+    StartSwitch,
+    SwitchDone,
+    SwitchFailed,
+    Tick,
+    Undrain,
+)
+from gateway.scheduler.model import ModelPolicy, SchedulerConfig, _Model, _Request
+
+# Placement check: the violations (human sentences) when these models hold the resource
+# together; empty when they fit.
+Fits = Callable[[frozenset[str]], Sequence[str]]
+
+
+class SchedulerCore:
+    """The scheduler's state and decisions (see the module docstring)."""
+
+    def __init__(self, models: Iterable[ModelPolicy], fits: Fits, *, now: float,
+                 states: Mapping[str, Residency] | None = None,
+                 config: SchedulerConfig | None = None,
+                 costs: SwitchCosts | None = None) -> None:
+        self.config = config or SchedulerConfig()
+        self.costs = costs or SwitchCosts()
+        self.fits = fits
+        self.models: dict[str, _Model] = {}
+        self._requests: dict[int, _Request] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self.op: tuple[str, str, float] | None = None  # (switch|sleep, model, started)
+        self.switch_reason = ""
+        self._wake: float | None = None
+        self._cold_before: dict[str, Residency] = {}
+        self.switches: dict[str, int] = {}              # by reason kind
+        self.switching_seconds = 0.0
+        self.resident_seconds: dict[str, float] = {}
+        self.history: list[dict[str, object]] = []      # the last switches, newest last
+        self.set_models(models, fits, now=now, states=states)
+
+    # -- configuration --------------------------------------------------------------------
+    def set_models(self, models: Iterable[ModelPolicy], fits: Fits, *, now: float,
+                   states: Mapping[str, Residency] | None = None) -> list[Action]:
+        """(Re)configure: kept models keep their state, queue and counters; requests queued
+        for a removed model are rejected."""
+        self.fits = fits
+        old, self.models = self.models, {}
+        out: list[Action] = []
+        for policy in models:
+            kept = old.pop(policy.name, None)
+            if kept is not None:
+                kept.policy = policy
+                self.models[policy.name] = kept
+            else:
+                state = (states or {}).get(policy.name,
+                                           Residency.ABSENT if policy.shared else Residency.AWAKE)
+                if not policy.shared:
+                    state = Residency.AWAKE
+                self.models[policy.name] = _Model(policy, state, resident_since=now,
+                                                  state_since=now)
+        for gone in old.values():
+            for req in list(gone.queue.values()):
+                self._drop(req)
+                out.append(Reject(req.rid, req.model, 404,
+                                  f"Model `{req.model}` was removed by a registry reload while "
+                                  f"this request waited.", 1))
+        self._schedule(now, out)
+        return out
+
+    # -- events ---------------------------------------------------------------------------
+    def handle(self, event: Event) -> list[Action]:
+        out: list[Action] = []
+        now = event.now
+        if isinstance(event, Arrive):
+            self._arrive(event, out)
+        elif isinstance(event, Done | Leave):
+            self._finish(event.rid, now, isinstance(event, Done), out)
+        elif isinstance(event, Tick):
+            self._schedule(now, out)
+        elif isinstance(event, SwitchDone):
+            self._switch_done(event, out)
+        elif isinstance(event, SwitchFailed):
+            self._switch_failed(event, out)
+        elif isinstance(event, SleepDone):
+            self._sleep_done(event, out)
+        elif isinstance(event, Observed):
+            self._observed(event, out)
+        elif isinstance(event, Lost):
+            m = self.models.get(event.model)
+            if m is not None and m.policy.shared and m.state in (Residency.AWAKE,
+                                                                 Residency.DRAINING):
+                self._set(m, Residency.STOPPED, now)
+            self._schedule(now, out)
+        return out
+
+    def _arrive(self, ev: Arrive, out: list[Action]) -> None:
+        m = self.models.get(ev.model)
+        if m is None:
+            out.append(Reject(ev.rid, ev.model, 404, f"Model `{ev.model}` is not served.", 1))
+            return
+        now = ev.now
+        m.last_demand = now
+        if m.state is Residency.AWAKE and not m.queue and m.has_room():
+            req = _Request(ev.rid, ev.model, now, now, admitted=now)
+            self._requests[ev.rid] = req
+            m.in_flight += 1
+            out.append(Admit(ev.rid, ev.model, 0.0))
+            return
+        if len(m.queue) >= m.policy.max_queue:
+            out.append(Reject(ev.rid, ev.model, 429, explain.queue_full(m),
+                              self._retry_after(m, now)))
+            return
+        arrived = now if ev.arrived is None else ev.arrived
+        waits_for_turn = m.policy.shared and m.state is not Residency.AWAKE
+        bound = max(m.policy.queue_timeout, m.policy.switch_timeout) if waits_for_turn \
+            else m.policy.queue_timeout
+        req = _Request(ev.rid, ev.model, arrived, arrived + bound)
+        if ev.arrived is not None and ev.arrived < now and m.queue:  # back in line, in order
+            items = sorted([*m.queue.values(), req], key=lambda r: r.arrived)
+            m.queue = {r.rid: r for r in items}
+        else:
+            m.queue[ev.rid] = req
+        self._requests[ev.rid] = req
+        heapq.heappush(self._deadlines, (req.deadline, ev.rid))
+        if m.state is Residency.AWAKE:
+            self._wake_at(req.deadline)  # waits for a slot: nothing else changes
+        else:
+            self._schedule(now, out)
+
+    def _finish(self, rid: int, now: float, done: bool, out: list[Action]) -> None:
+        req = self._requests.pop(rid, None)
+        if req is None:
+            return
+        m = self.models.get(req.model)
+        if m is None:
+            return
+        if req.admitted is None:  # left while queued
+            m.queue.pop(rid, None)
+            self._schedule(now, out)
+            return
+        m.in_flight -= 1
+        m.last_done = now
+        if done:
+            m.service += 0.2 * (max(0.0, now - req.admitted) - m.service)
+        if m.state is Residency.AWAKE and m.queue and self.config.policy == "drain-wait":
+            self._admit(m, now, out)
+            return
+        if m.state is Residency.AWAKE and m.queue and not self._contended():
+            self._admit(m, now, out)
+            return
+        self._schedule(now, out)
+
+    def _switch_done(self, ev: SwitchDone, out: list[Action]) -> None:
+        now = ev.now
+        self.op = None
+        m = self.models.get(ev.target)
+        kind = BringUp.CREATE
+        if m is not None:
+            kind = BringUp.of(self._cold_before.get(ev.target, Residency.ABSENT))
+            self._set(m, Residency.AWAKE, now)
+            m.resident_since = now
+        self.costs.record_bring_up(ev.target, kind, ev.seconds)
+        for name, state in ev.evicted.items():
+            e = self.models.get(name)
+            if e is not None:
+                self._set(e, state if state.cold else Residency.STOPPED, now)
+            if ev.evict_seconds and ev.evicted:
+                self.costs.record_evict(name, ev.evict_seconds / len(ev.evicted))
+        # Models marked evicting that the fleet did not report: trust the plan.
+        for e in self.models.values():
+            if e.state is Residency.EVICTING and e.policy.name not in ev.evicted:
+                self._set(e, e.policy.evicts_to, now)
+        self.switching_seconds += ev.seconds + ev.evict_seconds
+        if self.history and self.history[-1].get("target") == ev.target:
+            self.history[-1].update(seconds=round(ev.seconds + ev.evict_seconds, 3),
+                                    result="ok", kind=str(kind))
+        self._schedule(now, out)
+
+    def _switch_failed(self, ev: SwitchFailed, out: list[Action]) -> None:
+        now = ev.now
+        self.op = None
+        m = self.models.get(ev.target)
+        if m is not None:
+            self._set(m, ev.observed.get(ev.target, Residency.STOPPED), now)
+            message = (f"Model `{ev.target}` is not awake and could not be brought up: "
+                       f"{ev.reason}")
+            for req in list(m.queue.values()):
+                self._drop(req)
+                out.append(Reject(req.rid, req.model, ev.status, message,
+                                  self._retry_after(m, now)))
+        for e in self.models.values():
+            if e.state is Residency.EVICTING:
+                self._set(e, ev.observed.get(e.policy.name, Residency.STOPPED), now)
+        if self.history and self.history[-1].get("target") == ev.target:
+            self.history[-1].update(result="failed", error=ev.reason)
+        self._schedule(now, out)
+
+    def _sleep_done(self, ev: SleepDone, out: list[Action]) -> None:
+        self.op = None
+        m = self.models.get(ev.model)
+        if m is not None and m.state is Residency.EVICTING:
+            self._set(m, ev.state if ev.ok else Residency.AWAKE, ev.now)
+        self._schedule(ev.now, out)
+
+    def _observed(self, ev: Observed, out: list[Action]) -> None:
+        for name, state in ev.states.items():
+            m = self.models.get(name)
+            if m is None or not m.policy.shared:
+                continue
+            if m.state in (Residency.ACTIVATING, Residency.EVICTING):
+                continue  # ours, in progress
+            if state.holds and not m.state.holds:
+                self._set(m, Residency.AWAKE, ev.now)
+                m.resident_since = ev.now
+            elif state.cold and m.state.holds and m.in_flight == 0:
+                self._set(m, state, ev.now)
+            elif state.cold and m.state.cold:
+                m.state = state
+        self._schedule(ev.now, out)
+
+    # -- the decision ---------------------------------------------------------------------
+    def _schedule(self, now: float, out: list[Action]) -> None:
+        self._wake = None
+        self._expire(now, out)
+        self._time_share(now, out)
+        for m in self.models.values():
+            if m.state is Residency.AWAKE and m.queue:
+                self._admit(m, now, out)
+        self._idle_ttl(now, out)
+        if self._deadlines:
+            self._wake_at(self._deadlines[0][0])
+
+    def _expire(self, now: float, out: list[Action]) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, rid = heapq.heappop(self._deadlines)
+            req = self._requests.get(rid)
+            if req is None or req.admitted is not None:
+                continue
+            m = self.models[req.model]
+            position = list(m.queue).index(rid) + 1
+            status, message = explain.timed_out(self, m, req, position, now)
+            self._drop(req)
+            out.append(Reject(rid, req.model, status, message, self._retry_after(m, now)))
+
+    def _admit(self, m: _Model, now: float, out: list[Action]) -> None:
+        while m.queue and m.has_room():
+            rid = next(iter(m.queue))
+            req = m.queue.pop(rid)
+            req.admitted = now
+            m.in_flight += 1
+            out.append(Admit(rid, req.model, now - req.arrived))
+
+    def _contended(self) -> bool:
+        return any(m.queue and m.state.cold for m in self.models.values() if m.policy.shared)
+
+    def _candidates(self, now: float) -> list[_Model]:
+        waiting = [m for m in self.models.values()
+                   if m.policy.shared and m.queue and m.state.cold]
+        return sorted(waiting, key=lambda m: (-(now - m.oldest()) * m.policy.priority,
+                                              m.oldest(), m.policy.name))
+
+    def _time_share(self, now: float, out: list[Action]) -> None:
+        plan: tuple[_Model, tuple[_Model, ...]] | None = None
+        for x in self._candidates(now):
+            found = room.eviction_set(self, x)
+            if isinstance(found, str):  # can never fit: say so to everyone waiting for it
+                for req in list(x.queue.values()):
+                    self._drop(req)
+                    out.append(Reject(req.rid, req.model, 503, found, 60))
+                continue
+            if found is not None:
+                plan = (x, found)
+            break  # strict order: only the longest-waiting model is served next
+        keep = {e.policy.name for e in plan[1]} if plan else set()
+        for m in self.models.values():
+            if m.state is Residency.DRAINING and m.policy.name not in keep:
+                self._set(m, Residency.AWAKE, now)
+                out.append(Undrain(m.policy.name, "no rival waits for its room any more"))
+        if plan is None:
+            return
+        x, evict = plan
+        ready = True
+        for e in evict:
+            if e.in_flight == 0 and (not e.queue or e.state is Residency.DRAINING):
+                continue  # idle, or drained: ready to go
+            ready = False  # it has work: in flight, or queued requests it would serve
+            if self.config.policy == "drain-wait" or e.state is Residency.DRAINING:
+                continue  # the old behaviour waits for idleness; a draining one finishes
+            expires = e.resident_since + self.quantum(e, x)
+            if now < expires:
+                self._wake_at(expires)
+                continue
+            e.drain_reason = (f"held the resource {now - e.resident_since:.0f} s (quantum "
+                              f"{self.quantum(e, x):.0f} s) while `{x.policy.name}` waits")
+            self._set(e, Residency.DRAINING, now)
+            out.append(Drain(e.policy.name, e.drain_reason))
+            ready = ready and e.in_flight == 0
+        if ready and self.op is None:
+            self._start_switch(x, evict, now, out)
+
+    def _start_switch(self, x: _Model, evict: Sequence[_Model], now: float,
+                      out: list[Action]) -> None:
+        kind = BringUp.of(x.state)
+        self._cold_before[x.policy.name] = x.state
+        waited = now - x.oldest()
+        reason = (f"{len(x.queue)} request(s) waiting, oldest {waited:.1f} s"
+                  + (f"; evicting {', '.join(e.policy.name for e in evict)}" if evict else ""))
+        for e in evict:
+            self._set(e, Residency.EVICTING, now)
+        self._set(x, Residency.ACTIVATING, now)
+        self.op = ("switch", x.policy.name, now)
+        key = "evict" if evict else "free"
+        self.switches[key] = self.switches.get(key, 0) + 1
+        self.history.append({"at": now, "target": x.policy.name, "kind": str(kind),
+                             "evicted": [e.policy.name for e in evict], "reason": reason,
+                             "result": "running"})
+        del self.history[:-20]
+        out.append(StartSwitch(x.policy.name, tuple(e.policy.name for e in evict), kind, reason))
+
+    def quantum(self, holder: _Model, waiting: _Model) -> float:
+        """How long `holder` may keep the resource while `waiting` waits."""
+        return room.quantum(self, holder, waiting)
+
+    def _idle_ttl(self, now: float, out: list[Action]) -> None:
+        if self.op is not None:
+            return
+        for m in self.models.values():
+            ttl = m.policy.ttl
+            if (ttl is None or not m.policy.shared or m.policy.pinned or m.queue
+                    or m.in_flight or m.state is not Residency.AWAKE):
+                continue
+            idle_since = max(m.last_done, m.resident_since)
+            if now >= idle_since + ttl:  # the same sum as the wake-up below (rounding)
+                self._set(m, Residency.EVICTING, now)
+                self.op = ("sleep", m.policy.name, now)
+                out.append(PutToSleep(m.policy.name, f"idle for {now - idle_since:.0f} s "
+                                                     f"(ttl {ttl:g} s)"))
+                return
+            self._wake_at(idle_since + ttl)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _set(self, m: _Model, state: Residency, now: float) -> None:
+        if m.state.holds and not state.holds:
+            self.resident_seconds[m.policy.name] = (
+                self.resident_seconds.get(m.policy.name, 0.0) + now - m.resident_since)
+        m.state = state
+        m.state_since = now
+
+    def _drop(self, req: _Request) -> None:
+        self._requests.pop(req.rid, None)
+        m = self.models.get(req.model)
+        if m is not None:
+            m.queue.pop(req.rid, None)
+
+    def _wake_at(self, when: float) -> None:
+        if self._wake is None or when < self._wake:
+            self._wake = when
+
+    def next_wakeup(self) -> float | None:
+        """When the gateway must send a Tick at the latest (a deadline, a quantum, a ttl)."""
+        return self._wake
+
+    def estimate(self, model: str, now: float) -> float:
+        """Seconds a request for `model` arriving now would wait (rough)."""
+        return explain.estimate(self, model, now)
+
+    def _retry_after(self, m: _Model, now: float) -> int:
+        return max(1, math.ceil(explain.estimate(self, m.policy.name, now)))
