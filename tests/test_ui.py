@@ -38,9 +38,10 @@ from gateway.ui import (
     routes,
 )
 from gateway.ui.capacity import capacity_bars
-from gateway.ui.live import metric_readings
+from gateway.ui.live import merge_switches, metric_readings
 from gateway.ui.routes import CSP
 from gateway.ui.series import Reading, Sampler
+from gateway.ui.snapshot import SwitchView
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -142,6 +143,7 @@ class Runtime:
         self.balancer = Balancer(self.clock)
         self.metrics = GatewayMetrics()
         self.activator = Activator(fleet) if fleet is not None else None
+        self.scheduler = None  # the drain-wait path: figures from the Admission objects
 
     def idle_for(self, model: str) -> float | None:
         adm = self.state.admission[model]
@@ -625,6 +627,28 @@ async def test_switches_reach_the_snapshot_filtered_for_the_viewer(runtime: Runt
     only_b = await source.snapshot(auth.Principal("b-only", frozenset({"b"})))
     assert [a.model for a in only_b.switches[0].actions] == ["other", "b"]
     assert only_b.switches[0].reason == ""  # it named model a
+
+
+def test_the_schedulers_reasons_join_the_fleets_reports() -> None:
+    def rec(model: str, at: float, reason: str = "") -> SwitchView:
+        return SwitchView(model, "switch", at, "ok", 2.0, reason, {"evict": 0.5, "total": 2.0})
+
+    recorded = [rec("b", 1010.0), rec("a", 1005.0, "made room: stop b"), rec("b", 1001.0)]
+    planned = [  # the scheduler's clock: now is 500.0 for the wall's 1020.0
+        {"at": 480.0, "target": "b", "reason": "1 request(s) waiting", "result": "ok"},
+        {"at": 488.0, "target": "b", "reason": "3 request(s) waiting; evicting a",
+         "result": "ok"},
+        {"at": 499.0, "target": "a", "reason": "2 request(s) waiting", "result": "running"},
+        {"at": 470.0, "target": "c", "reason": "gone", "result": "failed", "error": "boom"},
+    ]
+    merged = merge_switches(recorded, planned, mono=500.0, wall=1020.0)
+    assert [(s.model, s.outcome, s.reason) for s in merged] == [
+        ("a", "running", "2 request(s) waiting"),
+        ("b", "ok", "3 request(s) waiting; evicting a"),
+        ("a", "ok", "made room: stop b"),  # not the scheduler's (an admin switch)
+        ("b", "ok", "1 request(s) waiting")]
+    assert merged[0].at == 1019.0 and merged[0].seconds == 1.0
+    assert merged[1].timings == {"evict": 0.5, "total": 2.0}
 
 
 def test_snapshot_is_plain_json() -> None:

@@ -88,9 +88,11 @@ class RecordingFleet:
         self.history.record(model, operation, self.clock() - started, report)
         return report
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> object:
+    def ensure_awake(self, model: str, *, timeout: float | None = None, **extra: Any) -> object:
+        """Passes `extra` (e.g. the scheduler's `evict`) through: a fleet without it raises
+        the TypeError its caller expects."""
         return self._call("activation", model,
-                          lambda: self.fleet.ensure_awake(model, timeout=timeout))
+                          lambda: self.fleet.ensure_awake(model, timeout=timeout, **extra))
 
     def sleep(self, model: str) -> object:
         return self._call("sleep", model, lambda: self.fleet.sleep(model))

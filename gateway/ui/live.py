@@ -27,9 +27,10 @@ import anyio
 from gateway import errors
 from gateway.auth import Principal
 from gateway.balancer import Balancer, Instance
-from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RoutingTable
+from gateway.scheduler.core import SchedulerCore
+from gateway.scheduler.explain import snapshot as explain_scheduler
 from gateway.ui.capacity import capacity_bars
 from gateway.ui.history import SwitchHistory
 from gateway.ui.series import Reading, Sampler, readings
@@ -51,6 +52,33 @@ class ActivatorView(Protocol):
     def pending(self, model: str) -> bool: ...
 
 
+class LoadView(Protocol):
+    """A model's live figures (gateway.state.LoadFigures: the scheduler's or an Admission)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def max_concurrency(self) -> int | None: ...
+
+    @property
+    def max_queue(self) -> int: ...
+
+
+class SchedulerView(Protocol):
+    """The gateway's scheduler (gateway.scheduler.runtime.Scheduler), read through
+    `gateway.scheduler.explain.snapshot`."""
+
+    @property
+    def core(self) -> SchedulerCore: ...
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+
 class RoutingFigures(Protocol):
     """One routing state: the table and each model's replicas, admission and idle ttl."""
 
@@ -58,7 +86,7 @@ class RoutingFigures(Protocol):
     def table(self) -> RoutingTable: ...
 
     @property
-    def admission(self) -> Mapping[str, Admission]: ...
+    def admission(self) -> Mapping[str, LoadView]: ...
 
     @property
     def instances(self) -> Mapping[str, Sequence[Instance]]: ...
@@ -82,6 +110,9 @@ class GatewayFigures(Protocol):
 
     @property
     def metrics(self) -> GatewayMetrics: ...
+
+    @property
+    def scheduler(self) -> SchedulerView | None: ...
 
     def idle_for(self, model: str) -> float | None: ...
 
@@ -186,6 +217,7 @@ class GatewaySource:
             rows, fleet_error = await self.fleet_status.get(
                 activator.fleet, changed_at=last[0].at if last else float("-inf"))
         age = self.fleet_status.age() if rows is not None else 0.0
+        plan, plan_history, mono = _scheduler_figures(gw.scheduler)
         by_model: dict[str, dict[int, dict[str, Any]]] = {}
         for row in rows or ():
             by_model.setdefault(str(row.get("name")), {})[int(row.get("replica") or 0)] = row
@@ -197,7 +229,9 @@ class GatewaySource:
         for name, route in table.routes.items():
             spec = registry.models[name]
             fleet_rows = by_model.get(name, {})
-            state = self._state(name, route.managed, fleet_rows, activator, rows is not None)
+            sm = plan.get(name, {})
+            state = self._state(name, route.managed, fleet_rows, activator, rows is not None,
+                                str(sm.get("state") or ""))
             states[name] = state
             awake_count[name] = sum(r.get("state") in AWAKE_ROWS | {"loading"}
                                     for r in fleet_rows.values())
@@ -209,32 +243,42 @@ class GatewaySource:
                 aliases=tuple(spec.aliases), tags=tuple(spec.tags),
                 replicas=self._replicas(st.instances.get(name, ()), fleet_rows),
                 in_flight=adm.in_flight if adm else 0, queued=adm.waiting if adm else 0,
-                oldest_wait=_round(adm.oldest_wait()) if adm else None,
-                time_resident=_round(max((float(r["uptime"]) + age for r in fleet_rows.values()
-                                          if r.get("state") in AWAKE_ROWS
-                                          and r.get("uptime") is not None), default=None)),
-                ttl=st.ttl.get(name), ttl_left=self._ttl_left(name, st.ttl.get(name), state),
+                oldest_wait=_round(sm["oldest_wait"] if sm else _oldest_wait(adm)),
+                time_resident=None if not route.managed else _round(
+                    sm.get("resident_for") if sm else max(
+                        (float(r["uptime"]) + age for r in fleet_rows.values()
+                         if r.get("state") in AWAKE_ROWS and r.get("uptime") is not None),
+                        default=None)),
+                ttl=st.ttl.get(name),
+                ttl_left=(_round(sm.get("ttl_left")) if sm else
+                          self._ttl_left(name, st.ttl.get(name), state)),
+                quantum_left=_round(sm.get("quantum_left")),
+                rival=str(sm["rival"]) if sm.get("rival") else None,
                 max_concurrency=adm.max_concurrency if adm else spec.max_concurrency,
                 max_queue=adm.max_queue if adm else spec.max_queue,
                 gpus=tuple(spec.gpus),
                 gpu_fraction=registry.gpu_fraction(spec) if spec.managed and spec.gpus else None,
                 cpus=registry.cpus(spec) if spec.managed else None,
-                detail="; ".join(str(r["detail"]) for r in fleet_rows.values()
-                                 if r.get("detail"))))
+                detail=_detail(sm, fleet_rows)))
         names = [m.name for m in models]
         snap = Snapshot(
             generated_at=now, registry_source=registry.source, models=tuple(models),
             capacity=capacity_bars(registry, states, awake_count, visible),
-            switches=tuple(self._switches(visible)),
+            switches=tuple(self._switches(visible, plan_history, mono, now)),
             series=self.sampler.view(names), activation=activator is not None,
             fleet_error=fleet_error)
         return snap if principal is None or principal.admin else redacted(snap)
 
     @staticmethod
     def _state(name: str, managed: bool, rows: Mapping[int, Mapping[str, Any]],
-               activator: ActivatorView | None, observed: bool) -> ModelState:
+               activator: ActivatorView | None, observed: bool,
+               scheduled: str = "") -> ModelState:
+        """The scheduler's transitions first, then what the fleet's rows show, then the
+        scheduler's (or the activator's) memory."""
         if not managed:
             return "remote"
+        if scheduled in ("activating", "draining", "evicting"):
+            return scheduled  # type: ignore[return-value]
         if activator is not None and activator.pending(name):
             return "activating"
         seen = {str(r.get("state")) for r in rows.values()}
@@ -245,6 +289,10 @@ class GatewaySource:
         if "sleeping" in seen:
             return "asleep"
         if observed:  # the fleet's rows say better than the gateway's memory (sleep may stop)
+            return "stopped"
+        if scheduled in ("awake", "asleep", "stopped"):
+            return scheduled  # type: ignore[return-value]
+        if scheduled == "absent":
             return "stopped"
         if activator is not None and name in activator.asleep:
             return "asleep"
@@ -270,9 +318,10 @@ class GatewaySource:
                 uptime=_round(row.get("uptime")), detail=inst.last_error or ""))
         return tuple(out)
 
-    def _switches(self, visible: Callable[[str], bool], n: int = 20) -> list[SwitchView]:
+    def _switches(self, visible: Callable[[str], bool], planned: Sequence[Mapping[str, Any]],
+                  mono: float, wall: float, n: int = 20) -> list[SwitchView]:
         out = []
-        for record in self.history.newest():
+        for record in merge_switches(self.history.newest(), planned, mono, wall):
             if not visible(record.model):
                 continue
             actions = tuple(a if visible(a.model) else type(a)("other", a.action, a.seconds)
@@ -318,6 +367,62 @@ class GatewaySource:
             text = text.decode("utf-8", "replace")
         lines = str(text).splitlines() if not isinstance(text, list) else [str(x) for x in text]
         return LogLines(route.model, replica, tuple(lines[-n:]))
+
+
+def _scheduler_figures(sched: SchedulerView | None
+                       ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], float]:
+    """The scheduler's per-model figures and switch history, and its clock's now."""
+    if sched is None:
+        return {}, [], 0.0
+    now = sched.clock()
+    figures = explain_scheduler(sched.core, now)
+    models = figures.get("models")
+    history = figures.get("switches")
+    return (dict(models) if isinstance(models, dict) else {},
+            list(history) if isinstance(history, list) else [], now)
+
+
+def merge_switches(recorded: Sequence[SwitchView], planned: Sequence[Mapping[str, Any]],
+                   mono: float, wall: float) -> list[SwitchView]:
+    """The fleet's reports (`recorded`, newest first: phase timings, actions) joined with the
+    scheduler's switch history (`planned`, newest last, times on the scheduler's clock
+    `mono`: why it switched, what it evicted, whether it is still running), newest first.
+    A planned switch takes the report of the same model that ended after it started."""
+    out = list(recorded)
+    used: set[int] = set()
+    for entry in planned:
+        target = str(entry.get("target", ""))
+        started = wall - (mono - float(entry.get("at", mono)))
+        reason = str(entry.get("reason") or "")
+        if entry.get("error"):
+            reason = f"{reason}; failed: {entry['error']}" if reason else str(entry["error"])
+        if entry.get("result") == "running":
+            out.append(SwitchView(target, str(entry.get("kind") or "switch"), started,
+                                  "running", round(mono - float(entry.get("at", mono)), 3),
+                                  reason))
+            continue
+        match = min((i for i, r in enumerate(out) if i not in used and r.model == target
+                     and r.outcome != "running" and r.at >= started - 1.0),
+                    key=lambda i: out[i].at, default=None)  # the first to end after it began
+        if match is None:
+            continue  # its report fell out of the recorded history
+        used.add(match)
+        out[match] = replace(out[match], reason=reason or out[match].reason)
+    out.sort(key=lambda s: s.at, reverse=True)
+    return out
+
+
+def _detail(scheduled: Mapping[str, Any], rows: Mapping[int, Mapping[str, Any]]) -> str:
+    """Why the scheduler drains it, and what the fleet says of its replicas."""
+    parts = [f"draining: {scheduled['draining_because']}"] \
+        if scheduled.get("draining_because") else []
+    parts += [str(r["detail"]) for r in rows.values() if r.get("detail")]
+    return "; ".join(parts)
+
+
+def _oldest_wait(figures: LoadView | None) -> float | None:
+    oldest = getattr(figures, "oldest_wait", None)  # gateway.limits.Admission has it
+    return oldest() if callable(oldest) else None
 
 
 def redacted(snap: Snapshot) -> Snapshot:

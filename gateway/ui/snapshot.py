@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-# A model's state as the page shows it. The first five are the scheduler's vocabulary;
-# `remote` is a server the fleet does not run, `unknown` a managed model whose containers
-# could not be observed (no fleet client, or Docker not answering).
-ModelState = Literal["awake", "asleep", "stopped", "activating", "draining", "remote", "unknown"]
+# A model's state as the page shows it. The first six are the scheduler's vocabulary
+# (`evicting`: being put to sleep or stopped); `remote` is a server the fleet does not run,
+# `unknown` a managed model whose containers could not be observed (no fleet client, or
+# Docker not answering).
+ModelState = Literal["awake", "asleep", "stopped", "activating", "draining", "evicting",
+                     "remote", "unknown"]
 MODEL_STATES: tuple[str, ...] = ("awake", "asleep", "stopped", "activating", "draining",
-                                 "remote", "unknown")
+                                 "evicting", "remote", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +55,8 @@ class ModelView:
     time_resident: float | None = None  # seconds awake (since its last start or wake)
     ttl: float | None = None            # idle seconds before it is put to sleep
     ttl_left: float | None = None       # of that, what is left now (None while busy)
-    quantum_left: float | None = None   # the scheduler's time slice left (None: no scheduler)
+    quantum_left: float | None = None   # its time slice left while `rival` waits (scheduler)
+    rival: str | None = None            # the model waiting for the resource it holds
     max_concurrency: int | None = None
     max_queue: int | None = None
     gpus: tuple[int, ...] = ()
@@ -101,9 +104,9 @@ class SwitchView:
     """A switch, activation or sleep, newest first in a snapshot."""
 
     model: str
-    operation: str                  # switch, activation, wake, sleep
-    at: float                       # unix time it ended
-    outcome: str                    # ok, already_awake, busy, failed
+    operation: str                  # switch, activation, wake, sleep (or the scheduler's kind)
+    at: float                       # unix time it ended (started, while running)
+    outcome: str                    # ok, already_awake, busy, failed, running
     seconds: float
     reason: str = ""                # why it happened, or why it failed
     timings: dict[str, float] = field(default_factory=dict)  # evict, start, healthy, total

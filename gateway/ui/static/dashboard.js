@@ -11,7 +11,8 @@
   const KEY_SLOT = "vllm-fleet.dashboard.key";
   const POLL_MS = 1000;
   const HIDDEN_POLL_MS = 5000;
-  const STATES = ["awake", "asleep", "stopped", "activating", "draining", "remote", "unknown"];
+  const STATES = ["awake", "asleep", "stopped", "activating", "draining", "evicting", "remote",
+    "unknown"];
   const ACTIONS = ["switch", "wake", "sleep"];
 
   const $ = (id) => document.getElementById(id);
@@ -52,8 +53,8 @@
     if (s === null || s === undefined) return "-";
     if (s < 10) return s.toFixed(1) + " s";
     if (s < 60) return Math.round(s) + " s";
-    if (s < 3600) return Math.floor(s / 60) + " m " + Math.round(s % 60) + " s";
-    return Math.floor(s / 3600) + " h " + Math.round((s % 3600) / 60) + " m";
+    if (s < 3600) return Math.floor(s / 60) + " m " + Math.floor(s % 60) + " s";
+    return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " m";
   }
 
   function clock(unix) {
@@ -226,7 +227,8 @@
       setText(c.queued, m.queued);
       c.queued.classList.toggle("hot", m.queued > 0);
       setText(c.wait, seconds(m.oldest_wait));
-      setText(c.resident, seconds(m.time_resident));
+      setText(c.resident, seconds(m.time_resident) + (m.quantum_left === null ? "" :
+        "\nquantum " + seconds(m.quantum_left) + " left" + (m.rival ? " (" + m.rival + " waits)" : "")));
       setText(c.ttl, m.ttl === null || m.state !== "awake" ? "-" :
         m.ttl_left === null ? "busy (ttl " + seconds(m.ttl) + ")" : seconds(m.ttl_left));
       c.actions.hidden = !admin;
