@@ -38,8 +38,9 @@ from gateway.ui import (
     routes,
 )
 from gateway.ui.capacity import capacity_bars
-from gateway.ui.live import merge_switches, metric_readings
+from gateway.ui.live import metric_readings
 from gateway.ui.routes import CSP
+from gateway.ui.scheduled import merge_switches
 from gateway.ui.series import Reading, Sampler
 from gateway.ui.snapshot import SwitchView
 

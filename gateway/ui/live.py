@@ -1,21 +1,20 @@
-"""`GatewaySource`: the dashboard's figures from what the gateway has today.
+"""`GatewaySource`: the dashboard's figures from the gateway's runtime.
 
-- per model: the gateway's admission (in flight, queued, oldest wait, limits), replicas
-  (outstanding, ejected), the activator (activating, put to sleep), idle ttl, and the fleet's
-  status rows (container state, health, port, uptime);
+- per model: the scheduler's figures when it admits (`scheduled.py`: state, queue, oldest
+  wait, time resident, quantum left, ttl left, drain reason), else the admission objects';
+  replicas (outstanding, ejected); the activator (activating, put to sleep); and the fleet's
+  status rows (container state, health, port, uptime; `fleetview.py`, refreshed in the
+  background, never on a page's request);
 - capacity bars from the registry's host inventory and the awake models (`capacity.py`);
-- the last switches from a `SwitchHistory` fed by `RecordingFleet` (`history.py`);
+- the last switches: the fleet's reports recorded by `RecordingFleet` (`history.py`) joined
+  with the scheduler's switch history;
 - request series sampled from the gateway's Prometheus metrics (`series.py`);
 - log lines through the fleet client's `logs` (the fleet's `docker logs`).
-
-The fleet's status probes Docker and every model's /health, so it is never asked on the
-request of a page: a background refresh keeps a copy at most `fleet_max_age` seconds old
-while someone watches, and the page shows its age and any error.
+A key that is not the admin key gets a `redacted` snapshot.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -29,15 +28,14 @@ from gateway.auth import Principal
 from gateway.balancer import Balancer, Instance
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RoutingTable
-from gateway.scheduler.core import SchedulerCore
-from gateway.scheduler.explain import snapshot as explain_scheduler
 from gateway.ui.capacity import capacity_bars
+from gateway.ui.fleetview import FleetStatusCache
 from gateway.ui.history import SwitchHistory
+from gateway.ui.scheduled import SchedulerView, merge_switches, scheduler_figures
 from gateway.ui.series import Reading, Sampler, readings
 from gateway.ui.snapshot import ModelState, ModelView, ReplicaView, Snapshot, SwitchView
 from gateway.ui.source import LogLines
 
-FLEET_STATUS_TIMEOUT = 15.0  # seconds: the fleet probes Docker and every model's /health
 LOGS_TIMEOUT = 10.0
 MAX_LOG_LINES = 1000
 AWAKE_ROWS = frozenset({"healthy", "running"})
@@ -66,17 +64,6 @@ class LoadView(Protocol):
 
     @property
     def max_queue(self) -> int: ...
-
-
-class SchedulerView(Protocol):
-    """The gateway's scheduler (gateway.scheduler.runtime.Scheduler), read through
-    `gateway.scheduler.explain.snapshot`."""
-
-    @property
-    def core(self) -> SchedulerCore: ...
-
-    @property
-    def clock(self) -> Callable[[], float]: ...
 
 
 class RoutingFigures(Protocol):
@@ -135,59 +122,6 @@ def metric_readings(metrics: GatewayMetrics) -> dict[str, Reading]:
     return readings(requests, ((m, r[0], r[1]) for m, r in ttft.items()))
 
 
-class FleetStatusCache:
-    """The fleet's status rows, refreshed in the background while they are asked for."""
-
-    def __init__(self, max_age: float = 2.0, timeout: float = FLEET_STATUS_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
-        self.max_age = max_age
-        self.timeout = timeout
-        self.clock = clock
-        self.wall = wall
-        self.rows: list[dict[str, Any]] | None = None
-        self.error: str | None = None
-        self.taken_at = float("-inf")    # monotonic time the rows arrived
-        self.asked_at = float("-inf")    # wall time the fleet was asked for them
-        self._task: asyncio.Task[None] | None = None
-
-    def age(self) -> float:
-        """Seconds since the rows arrived."""
-        return max(self.clock() - self.taken_at, 0.0)
-
-    async def get(self, fleet: Any, changed_at: float = float("-inf"), wait: float = 2.0
-                  ) -> tuple[list[dict[str, Any]] | None, str | None]:
-        """The rows and the last error. Starts a refresh when they are older than max_age, or
-        were asked for before `changed_at` (wall time of the last switch: the page must not
-        show a finished switch's model as stopped); waits up to `wait` s for that refresh
-        then, and for the very first rows."""
-        status = getattr(fleet, "status", None)
-        if status is None:
-            return None, None
-        outdated = self.asked_at < changed_at
-        if (outdated or self.age() >= self.max_age) and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._refresh(status))
-        if (outdated or (self.rows is None and self.error is None)) and self._task is not None:
-            with anyio.move_on_after(wait):
-                await asyncio.shield(self._task)
-        return self.rows, self.error
-
-    async def _refresh(self, status: Callable[[], Sequence[Any]]) -> None:
-        asked = self.wall()
-        try:
-            with anyio.fail_after(self.timeout):
-                rows = await anyio.to_thread.run_sync(status, abandon_on_cancel=True)
-            self.rows = [r.as_dict() if hasattr(r, "as_dict") else dict(r) for r in rows]
-            self.error = None
-        except TimeoutError:
-            self.error = f"the fleet did not answer within {self.timeout:g} s"
-        except Exception as exc:  # Docker unreachable...: shown, never raised
-            self.error = f"the fleet's status failed: {str(exc).strip() or type(exc).__name__}"
-        finally:
-            self.taken_at, self.asked_at = self.clock(), asked
-            self._task = None
-
-
 class GatewaySource:
     """A `DashboardSource` over one gateway."""
 
@@ -217,7 +151,7 @@ class GatewaySource:
             rows, fleet_error = await self.fleet_status.get(
                 activator.fleet, changed_at=last[0].at if last else float("-inf"))
         age = self.fleet_status.age() if rows is not None else 0.0
-        plan, plan_history, mono = _scheduler_figures(gw.scheduler)
+        plan, plan_history, mono = scheduler_figures(gw.scheduler)
         by_model: dict[str, dict[int, dict[str, Any]]] = {}
         for row in rows or ():
             by_model.setdefault(str(row.get("name")), {})[int(row.get("replica") or 0)] = row
@@ -367,49 +301,6 @@ class GatewaySource:
             text = text.decode("utf-8", "replace")
         lines = str(text).splitlines() if not isinstance(text, list) else [str(x) for x in text]
         return LogLines(route.model, replica, tuple(lines[-n:]))
-
-
-def _scheduler_figures(sched: SchedulerView | None
-                       ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], float]:
-    """The scheduler's per-model figures and switch history, and its clock's now."""
-    if sched is None:
-        return {}, [], 0.0
-    now = sched.clock()
-    figures = explain_scheduler(sched.core, now)
-    models = figures.get("models")
-    history = figures.get("switches")
-    return (dict(models) if isinstance(models, dict) else {},
-            list(history) if isinstance(history, list) else [], now)
-
-
-def merge_switches(recorded: Sequence[SwitchView], planned: Sequence[Mapping[str, Any]],
-                   mono: float, wall: float) -> list[SwitchView]:
-    """The fleet's reports (`recorded`, newest first: phase timings, actions) joined with the
-    scheduler's switch history (`planned`, newest last, times on the scheduler's clock
-    `mono`: why it switched, what it evicted, whether it is still running), newest first.
-    A planned switch takes the report of the same model that ended after it started."""
-    out = list(recorded)
-    used: set[int] = set()
-    for entry in planned:
-        target = str(entry.get("target", ""))
-        started = wall - (mono - float(entry.get("at", mono)))
-        reason = str(entry.get("reason") or "")
-        if entry.get("error"):
-            reason = f"{reason}; failed: {entry['error']}" if reason else str(entry["error"])
-        if entry.get("result") == "running":
-            out.append(SwitchView(target, str(entry.get("kind") or "switch"), started,
-                                  "running", round(mono - float(entry.get("at", mono)), 3),
-                                  reason))
-            continue
-        match = min((i for i, r in enumerate(out) if i not in used and r.model == target
-                     and r.outcome != "running" and r.at >= started - 1.0),
-                    key=lambda i: out[i].at, default=None)  # the first to end after it began
-        if match is None:
-            continue  # its report fell out of the recorded history
-        used.add(match)
-        out[match] = replace(out[match], reason=reason or out[match].reason)
-    out.sort(key=lambda s: s.at, reverse=True)
-    return out
 
 
 def _detail(scheduled: Mapping[str, Any], rows: Mapping[int, Mapping[str, Any]]) -> str:
