@@ -21,14 +21,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet.addressing import addressed
 from fleet.clock import Clock
-from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DockerEngine, Engine
+from fleet.containers import Engine
+from fleet.engine import DEFAULT_DOCKER_TIMEOUT, DEFAULT_PULL_SILENCE, DockerEngine
 from fleet.health import HttpProbe, Probe
 from fleet.lifecycle import DEFAULT_STOP_TIMEOUT, Fleet
 from fleet.lock import DEFAULT_LOCK_TIMEOUT, SwitchLock, default_lock_path
-from fleet.planner import READY_STATES
 from fleet.registry import Registry
 from fleet.report import ModelStatus, Report
 from fleet.spec import DEFAULT_NAME_PREFIX
+from fleet.states import READY_STATES, ReplicaState
+from fleet.waiting import DEFAULT_WATCH_EVERY
 
 
 class FleetSettings(BaseSettings):
@@ -45,6 +47,9 @@ class FleetSettings(BaseSettings):
     gateway's traffic does; see fleet.addressing), FLEET_COMPOSE_PROJECT (containers the
     fleet creates join that compose project, so `docker compose down` removes them) and
     FLEET_BASE_DIR (the registry's directory on the Docker host, for relative bind paths).
+
+    Progress: FLEET_WATCH_EVERY (seconds between the progress lines of a model that loads; 0:
+    none), FLEET_PULL_SILENCE (seconds an image pull may go without progress).
     """
 
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", populate_by_name=True)
@@ -61,6 +66,8 @@ class FleetSettings(BaseSettings):
     upstream_host: str | None = None
     compose_project: str | None = None
     base_dir: str | None = None
+    watch_every: float = Field(default=DEFAULT_WATCH_EVERY, ge=0)
+    pull_silence: float = Field(default=DEFAULT_PULL_SILENCE, gt=0)
 
     def labels(self) -> dict[str, str]:
         return parse_labels(self.extra_labels)
@@ -107,7 +114,11 @@ def build_fleet(
     progress: Callable[[str], None] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Fleet:
-    """A `Fleet` wired with real parts (Docker, httpx, flock) unless given others."""
+    """A `Fleet` wired with real parts (Docker, httpx, flock) unless given others.
+
+    `progress` receives every progress line (what is created, started, evicted; image pulls
+    layer by layer; a loading model every `watch_every` seconds): the CLI prints them on
+    stderr, the gateway can route them to its log."""
     s = settings or load_settings()
     env = os.environ if environ is None else environ
     lock_path = s.lock_file or default_lock_path(env)
@@ -120,7 +131,8 @@ def build_fleet(
         engine, probe = swarm, SwarmProbe(probe or HttpProbe(), swarm)
     return Fleet(
         registry,
-        engine or DockerEngine(s.docker_host, timeout=s.docker_timeout),
+        engine or DockerEngine(s.docker_host, timeout=s.docker_timeout,
+                               pull_silence=s.pull_silence),
         lock=SwitchLock(lock_path, timeout=s.lock_timeout, on_wait=progress),
         probe=addressed(probe or HttpProbe(), registry, s.upstream_host),
         clock=clock,
@@ -134,6 +146,7 @@ def build_fleet(
         base_dir=s.base_dir or None,
         environ=env,
         stop_timeout=s.stop_timeout,
+        watch_every=s.watch_every,
     )
 
 
@@ -184,22 +197,33 @@ class FleetClient:
         deadline = None if timeout is None else self.fleet.clock.monotonic() + timeout
         return self.fleet.scale(model, n, deadline=deadline)
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report | None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: Collection[str] | None = None) -> Report | None:
         """Return at once (None) if a replica of `model` is healthy; else switch to it (its
         initial replicas, and any sleeping ones) and wait.
 
-        `timeout` (seconds) caps the wait for the switch lock and for health. Raises
-        `fleet.lifecycle.FleetError` subclasses (PlacementRefused e.g. when the models in
-        the way are busy, StartFailed with log lines), `fleet.engine.EngineError`,
-        `fleet.lock.LockTimeout`.
+        A missing image is pulled first (the model's `pull` policy; progress lines go to
+        `build_fleet`'s `progress`); the pull itself is not capped by `timeout`.
+
+        `timeout` (seconds) caps the wait for the switch lock and for health. `evict`: the
+        only models the switch may evict (e.g. those the caller drained); None lets the
+        planner choose among all awake models. Pinned models are never evicted. The
+        report's `bring_up_kind` and `timings` say how the model came up and how long each
+        phase took.
+
+        Raises (`fleet.errors`): `PlacementRefused` when it does not fit (`ModelsBusy`, a
+        subclass, when a model in the way serves requests; `blocking_models` names the
+        models in the way that could not be evicted), `StartFailed` with log lines,
+        `Interrupted`, `EngineError` kinds (e.g. `DockerUnreachable`), `LockTimeout`.
         """
         name = self.fleet.model(model).name
-        if any(s.state == "healthy" for s in self.fleet.status([name])):
+        if any(s.state == ReplicaState.HEALTHY for s in self.fleet.status([name])):
             return None
         deadline = None if timeout is None else self.fleet.clock.monotonic() + timeout
-        return self.fleet.switch(name, deadline=deadline)
+        return self.fleet.switch(name, deadline=deadline, evict=evict)
 
 
-def open_fleet(registry: Registry, settings: FleetSettings | None = None, **parts: object) -> FleetClient:
+def open_fleet(registry: Registry, settings: FleetSettings | None = None,
+               **parts: object) -> FleetClient:
     """A `FleetClient` for `registry`; `parts` are passed to `build_fleet` (busy=..., etc.)."""
     return FleetClient(build_fleet(registry, settings, **parts))  # type: ignore[arg-type]

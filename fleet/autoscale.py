@@ -29,6 +29,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+from fleet.errors import ScaleOutOfRange
 from fleet.registry import ModelSpec
 
 DEFAULT_UPSCALE_DELAY = 30.0     # Ray Serve's default upscale_delay_s
@@ -50,6 +51,16 @@ def replica_bounds(model: ModelSpec) -> tuple[int, int]:
         low = model.min_replicas if model.min_replicas is not None else 1
         return low, model.max_replicas
     return 1, model.replicas
+
+
+def check_scale(model: ModelSpec, replicas: int) -> None:
+    """ScaleOutOfRange (a usage error) unless `replicas` lies in `replica_bounds(model)`."""
+    low, high = replica_bounds(model)
+    if not low <= replicas <= high:
+        kind = "autoscaled between min_replicas and max_replicas" if model.autoscaled else \
+            "a fixed count (`replicas` in the registry)"
+        raise ScaleOutOfRange(f"cannot scale {model.name} to {replicas} replica(s): it takes "
+                              f"{low} to {high} ({kind})")
 
 
 def desired_replicas(ongoing: float, target_ongoing_requests: float, min_replicas: int,

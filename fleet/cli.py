@@ -1,6 +1,6 @@
 """`fleet`: run the registry's models as Docker containers.
 
-    fleet [--registry PATH] [--docker-host URL] COMMAND ...
+    fleet [--registry PATH] [--docker-host URL] [--quiet] COMMAND ...
 
     up [MODEL...]            start/adopt/recreate the models (default: autostart ones), wait healthy
     down [MODEL...]          stop and remove containers (default: all of this fleet's)
@@ -16,7 +16,10 @@
                              models.X.toml -> compose.X.yaml; `--check`: exit 1 on drift)
     plan switch MODEL        what `switch` would do now (dry run)
 
-Data goes to stdout, progress and diagnostics to stderr. Exit codes: 0 ok, 1 failed
+Data goes to stdout, progress and diagnostics to stderr: up, switch, wake and scale pull a
+missing image (the registry's `pull` setting) with per-layer progress, and say every few
+seconds how far each loading model is, with its latest log line (`--quiet`: no progress
+lines). Exit codes: 0 ok, 1 failed
 (including Docker unreachable, a model that did not become healthy, a refused switch),
 2 usage or configuration error (invalid registry, unknown model).
 """
@@ -32,20 +35,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fleet.api import SettingsError
-from fleet.engine import EngineError
-from fleet.health import ProbeError
+from fleet.cli_output import format_gateway_load, format_status, gateway_load, print_report
+from fleet.errors import EngineError, FleetError, LockTimeout, ProbeError, RegistryError
 from fleet.lifecycle import Fleet
-from fleet.lock import LockTimeout
-from fleet.registry import Registry, RegistryError, load_registry, registry_path
-from fleet.report import FleetError, ModelStatus, Report
+from fleet.registry import Registry, load_registry, registry_path
 from fleet.spec import SpecError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-FleetFactory = Callable[[Registry, argparse.Namespace, Callable[[str], None]], Fleet]
+FleetBuilder = Callable[[Registry, argparse.Namespace, Callable[[str], None]], Fleet]
 
 
-def _default_factory(registry: Registry, args: argparse.Namespace,
+def _default_builder(registry: Registry, args: argparse.Namespace,
                      progress: Callable[[str], None]) -> Fleet:
     from fleet.api import build_fleet, load_settings
 
@@ -65,6 +66,9 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
                    help="override [host].cpus, the cores the planner budgets")
     p.add_argument("--host-gpus", metavar="IDS", default=default,
                    help="override [host].gpus with these ids, e.g. 0,1")
+    p.add_argument("--quiet", "-q", action="store_true", default=default,
+                   help="no progress lines on stderr (pulls, starts, loads); errors and the "
+                        "timings still")
     return p
 
 
@@ -141,63 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------
-
-
-def _fmt_uptime(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-def format_status(rows: Sequence[ModelStatus]) -> str:
-    header = ("MODEL", "REPLICA", "STATE", "PORT", "GPUS", "FRACTION", "UPTIME", "HEALTH",
-              "DETAIL")
-    table = [header]
-    for r in rows:
-        table.append((
-            r.name, str(r.replica), r.state, str(r.port) if r.port is not None else "-",
-            ",".join(str(g) for g in r.gpus) or "-",
-            f"{r.fraction:g}" if r.fraction is not None and r.gpus else "-",
-            _fmt_uptime(r.uptime), r.health, r.detail,
-        ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    lines = []
-    for row in table:
-        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
-
-
-def _print_report(report: Report, args: argparse.Namespace, out: TextIO, err: TextIO,
-                  label: Callable[[str, int], str] | None = None) -> None:
-    if report.timings:
-        print(f"{report.operation} {' '.join(report.target)}: {report.timing_line()}", file=err)
-    if getattr(args, "json", False):
-        print(json.dumps(report.as_dict(), indent=2), file=out)
-        return
-    for a in report.actions:
-        note = f" ({a.note})" if a.note else ""
-        who = label(a.model, a.replica) if label is not None else a.model
-        print(f"{who}: {a.action}{note}", file=out)
-    if report.operation != "down":
-        print(f"awake: {', '.join(report.awake) or 'none'}", file=out)
-
-
-# ---------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------
 
 
 def _cmd_check(registry: Registry, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from fleet.api import load_settings
-    from fleet.planner import check_registry
+    from fleet.check import check_registry
 
     violations = check_registry(registry, name_prefix=load_settings().name_prefix)
     managed = [n for n, m in registry.models.items() if m.managed]
@@ -334,7 +288,7 @@ def _write_socket_override(directory: Path, err: TextIO) -> None:
 
 def _cmd_status(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     rows = fleet.status(probe=not args.no_probe)
-    load = _gateway_load(args.gateway, err) if args.gateway else None
+    load = gateway_load(args.gateway, err) if args.gateway else None
     if args.json:
         data = [r.as_dict() for r in rows]
         if load is not None:
@@ -346,43 +300,6 @@ def _cmd_status(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO
         if load is not None:
             print(format_gateway_load(rows, load), file=out)
     return EXIT_OK
-
-
-def _gateway_load(url: str, err: TextIO) -> dict[tuple[str, int], dict[str, Any]] | None:
-    """(model, replica) -> the gateway's in-flight, queued and outstanding figures, from its
-    /admin/status; None (with a warning) when the gateway cannot tell."""
-    import httpx
-
-    key = os.environ.get("GATEWAY_ADMIN_KEY")
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    try:
-        resp = httpx.get(url.rstrip("/") + "/admin/status", params={"fleet": "false"},
-                         headers=headers, timeout=5.0)
-        resp.raise_for_status()
-        models = resp.json()["models"]
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        print(f"fleet: warning: no figures from the gateway at {url}: {exc} (is it running? "
-              f"is GATEWAY_ADMIN_KEY its admin key?)", file=err)
-        return None
-    out: dict[tuple[str, int], dict[str, Any]] = {}
-    for name, m in models.items():
-        for rep in m.get("replicas", []):
-            out[(name, rep["index"])] = {"in_flight": m["in_flight"], "queued": m["queued"],
-                                         "outstanding": rep["outstanding"],
-                                         "ejected": rep["ejected"]}
-    return out
-
-
-def format_gateway_load(rows: Sequence[ModelStatus],
-                        load: dict[tuple[str, int], dict[str, Any]]) -> str:
-    lines = ["", "GATEWAY  (requests per model: in flight / queued; per replica: outstanding)"]
-    for r in rows:
-        g = load.get((r.name, r.replica))
-        if g is not None:
-            lines.append(f"  {r.name} [{r.replica}]: {g['in_flight']} in flight, "
-                         f"{g['queued']} queued, {g['outstanding']} outstanding"
-                         + (" (taken out)" if g["ejected"] else ""))
-    return "\n".join(lines)
 
 
 def _cmd_plan(fleet: Fleet, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -433,7 +350,7 @@ def _run_fleet_command(fleet: Fleet, args: argparse.Namespace, out: TextIO, err:
         report = fleet.scale(args.model, args.replicas)
     else:  # pragma: no cover - argparse only lets known commands through
         raise AssertionError(cmd)
-    _print_report(report, args, out, err, fleet.label)
+    print_report(report, args, out, err, fleet.label)
     return EXIT_OK
 
 
@@ -453,7 +370,7 @@ def _with_host_overrides(registry: Registry, args: argparse.Namespace) -> Regist
 def main(
     argv: Sequence[str] | None = None,
     *,
-    fleet_factory: FleetFactory | None = None,
+    fleet_builder: FleetBuilder | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
@@ -466,7 +383,8 @@ def main(
         return int(exc.code or 0)
 
     def progress(message: str) -> None:
-        print(message, file=err, flush=True)
+        if not args.quiet:
+            print(message, file=err, flush=True)
 
     try:
         registry = _with_host_overrides(load_registry(registry_path(args.registry)), args)
@@ -474,7 +392,7 @@ def main(
             return _cmd_check(registry, args, out, err)
         if args.command == "compose":
             return _cmd_compose(registry, args, out, err)
-        fleet = (fleet_factory or _default_factory)(registry, args, progress)
+        fleet = (fleet_builder or _default_builder)(registry, args, progress)
         return _run_fleet_command(fleet, args, out, err)
     except (RegistryError, SpecError) as exc:
         print(f"fleet: {exc}", file=err)

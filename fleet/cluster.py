@@ -2,8 +2,8 @@
 `[nodes.NAME]` (each Swarm node's inventory), plus where a model may run.
 
 Pure: no Docker, no network. `fleet.registry` holds these tables on `Registry.cluster` and
-`Registry.nodes`; `fleet.nodeplan` checks placement node by node; `fleet.swarm` turns a
-model's allowed nodes into Swarm placement constraints.
+`Registry.nodes`; `fleet.placement.check_per_node` checks placement node by node;
+`fleet.swarm` turns a model's allowed nodes into Swarm placement constraints.
 
 - `[cluster]`: `engine` is `docker` (one host, the default: no table means that) or
   `swarm`; `manager` is the Docker API address of a Swarm manager (e.g.
@@ -27,27 +27,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from fleet.inventory import Strict
+from fleet.registry_checks import validate_section
 
-class ModelSpec(Protocol):
-    """What the cluster checks read of a model (fleet.registry.ModelSpec has it; a protocol,
-    so this module does not import the registry that imports it)."""
-
-    @property
-    def node(self) -> str | None: ...
-    @property
-    def node_labels(self) -> Mapping[str, str]: ...
-    @property
-    def gpus(self) -> tuple[int, ...]: ...
-    @property
-    def managed(self) -> bool: ...
-    @property
-    def port(self) -> int | None: ...
-    @property
-    def replica_slots(self) -> int: ...
+if TYPE_CHECKING:
+    from fleet.model_spec import ModelSpec
 
 ENGINES = ("docker", "swarm")
 GPU_MODES = ("visible-devices", "generic-resource")
@@ -57,18 +45,14 @@ _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NodeGpu(_Strict):
+class NodeGpu(Strict):
     """One GPU of a node."""
 
     id: int = Field(ge=0)
     memory_gib: float | None = Field(default=None, gt=0)
 
 
-class Cluster(_Strict):
+class Cluster(Strict):
     """The `[cluster]` table."""
 
     engine: Literal["docker", "swarm"] = "docker"
@@ -79,7 +63,7 @@ class Cluster(_Strict):
     network: str | None = Field(default=None, description="attachable overlay network")
 
 
-class Node(_Strict):
+class Node(Strict):
     """One `[nodes.NAME]` table: a Swarm node's inventory."""
 
     hostname: str | None = None
@@ -118,6 +102,24 @@ def planning_node(nodes: Mapping[str, Node], model: ModelSpec) -> str | None:
         if not model.gpus or not declared or set(model.gpus) <= declared:
             return name
     return None
+
+
+def cluster_tables(data: Mapping[str, Any],
+                   problems: list[str]) -> tuple[Cluster | None, dict[str, Node]]:
+    """The `[cluster]` and `[nodes.NAME]` tables of parsed registry data, validated field by
+    field (problems appended, as `fleet.registry.build_registry` does for the rest)."""
+    cluster = validate_section(Cluster, data["cluster"], "[cluster]", problems) \
+        if "cluster" in data else None
+    nodes: dict[str, Node] = {}
+    raw_nodes = data.get("nodes", {})
+    if not isinstance(raw_nodes, Mapping):
+        problems.append("[nodes]: must be a table of [nodes.NAME] tables")
+        raw_nodes = {}
+    for node_name, raw_node in raw_nodes.items():
+        node = validate_section(Node, raw_node, f"[nodes.{node_name}]", problems)
+        if node is not None:
+            nodes[node_name] = node
+    return cluster, nodes
 
 
 def cluster_problems(cluster: Cluster | None, nodes: Mapping[str, Node],

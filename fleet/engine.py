@@ -1,12 +1,12 @@
 """The container engine: the one module that imports `docker`.
 
-`Engine` is the small interface `fleet.lifecycle` drives: list the managed containers (by
-label), create+start one from `docker_run_kwargs`, start, stop, remove, read logs. The engine
-never decides anything; it executes and reports. `DockerEngine` implements it with the Docker
-SDK and turns Docker's errors into `EngineError`s whose messages say what to do:
+`DockerEngine` implements `fleet.containers.Engine` (the small interface `fleet.lifecycle`
+drives) with the Docker SDK. It never decides anything; it executes and reports, and turns
+Docker's errors into the `fleet.errors.EngineError` kinds, whose messages say what to do:
 
 - `DockerUnreachable`: the daemon cannot be reached (named address, how to start it).
 - `ImageMissing`: the image is not present locally (how to build or pull it).
+- `PullFailed`: a pull failed (the image, the registry's answer, what to do).
 - `PortInUse`: the model's host port is taken (which port, which model, how to find the user).
 - `NoGpuRuntime`: GPUs were requested but Docker has no NVIDIA runtime.
 - `NameConflict`: the container name is taken by a container the fleet does not manage.
@@ -14,190 +14,50 @@ SDK and turns Docker's errors into `EngineError`s whose messages say what to do:
 
 from __future__ import annotations
 
-import re
+import contextlib
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
-import docker
 import docker.errors
 import docker.types
+import docker.utils
 import requests.exceptions
 
-from fleet.spec import LABEL_MANAGED, LABEL_MODEL, LABEL_SPEC_HASH
+from fleet.containers import ContainerRecord, parse_time, record_from_attrs
+from fleet.engine_text import (
+    PORT_RE,
+    START_DOCKER_HINT,
+    gpu_ids,
+    host_ports,
+    is_gpu_driver_error,
+    is_port_error,
+    model_of,
+    short_reason,
+)
+from fleet.errors import (
+    ContainerMissing,
+    DockerUnreachable,
+    EngineError,
+    ImageMissing,
+    NameConflict,
+    NoGpuRuntime,
+    PortInUse,
+    PullFailed,
+)
+from fleet.pull import pull_failed_message
+from fleet.spec import LABEL_MANAGED
 
 DEFAULT_DOCKER_SOCKET = "unix:///var/run/docker.sock"
 DEFAULT_DOCKER_TIMEOUT = 60.0
-
-START_DOCKER_HINT = (
-    "is dockerd running? start it with `sudo systemctl start docker` (or `sudo dockerd &` "
-    "where there is no systemd), or point --docker-host / DOCKER_HOST at a running daemon"
-)
-
-
-class EngineError(RuntimeError):
-    """A container-engine operation failed; the message says what to do about it."""
-
-
-class DockerUnreachable(EngineError):
-    pass
-
-
-class ImageMissing(EngineError):
-    pass
-
-
-class PortInUse(EngineError):
-    pass
-
-
-class NoGpuRuntime(EngineError):
-    pass
-
-
-class NameConflict(EngineError):
-    pass
-
-
-class ContainerMissing(EngineError):
-    pass
-
-
-@dataclass(frozen=True)
-class ContainerRecord:
-    """What the engine observed about one container."""
-
-    id: str
-    name: str
-    model: str
-    state: str  # Docker's State.Status: created, running, paused, restarting, exited, dead
-    health: str | None = None  # Docker healthcheck: starting, healthy, unhealthy; None if none
-    spec_hash: str | None = None
-    image: str = ""
-    ports: tuple[int, ...] = ()
-    started_at: float | None = None  # epoch seconds of the last start
-    exit_code: int | None = None
-    restart_count: int = 0
-    labels: Mapping[str, str] = field(default_factory=dict)
-    networks: tuple[str, ...] = ()  # user-defined networks (not bridge/host/none)
-    oom_killed: bool = False  # Docker's State.OOMKilled: the kernel's OOM killer struck
-
-    @property
-    def running(self) -> bool:
-        return self.state in ("running", "restarting", "paused")
-
-
-class Engine(Protocol):
-    """What the lifecycle needs from a container engine (real: `DockerEngine`)."""
-
-    def list_managed(self, labels: Mapping[str, str] | None = None) -> list[ContainerRecord]:
-        """Containers labelled managed (and with every label in `labels`), stopped ones too."""
-
-    def inspect(self, container: str) -> ContainerRecord | None: ...
-
-    def has_image(self, image: str) -> bool:
-        """Whether `image` is present locally (what a create would need)."""
-
-    def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
-        """Create and start a container from `containers.create` keyword arguments."""
-
-    def start(self, container: str) -> None: ...
-
-    def stop(self, container: str, timeout: float) -> None: ...
-
-    def remove(self, container: str, *, force: bool = False) -> None: ...
-
-    def logs(self, container: str, tail: int = 50) -> str: ...
-
-    def follow_logs(self, container: str, tail: int = 50) -> Iterator[str]: ...
-
+DEFAULT_PULL_SILENCE = 300.0  # seconds a pull may go without a progress event
 
 # ---------------------------------------------------------------------------------------
 # Docker
 # ---------------------------------------------------------------------------------------
-
-_PORT_RE = re.compile(
-    r"(?:Bind for|listen tcp[46]?|bind) \[?([0-9a-fA-F.:]*?)\]?:(\d+)(?: failed|: bind)", re.I
-)
-
-
-def _is_gpu_driver_error(text: str) -> bool:
-    t = text.lower()
-    return "could not select device driver" in t or "unknown or invalid runtime name: nvidia" in t
-
-
-def _is_port_error(text: str) -> bool:
-    t = text.lower()
-    return "port is already allocated" in t or "address already in use" in t
-
-
-def _short_reason(text: str) -> str:
-    """The useful part of a requests/urllib3 connection error ("[Errno 111] Connection refused")."""
-    m = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
-    if m:
-        return m.group(0).strip()
-    m = re.search(r"(No such file or directory|Connection refused|Name or service not known|"
-                  r"timed out|Permission denied|Remote end closed connection without response)",
-                  text)
-    if m:
-        return m.group(1)
-    text = text.removeprefix("Error while fetching server API version: ")
-    return re.sub(r"\s+", " ", text)[:200]
-
-
-def _parse_time(value: str | None) -> float | None:
-    if not value or value.startswith("0001-01-01"):
-        return None
-    text = value.rstrip("Z")
-    if "." in text:
-        head, frac = text.split(".", 1)
-        digits = re.match(r"\d*", frac)
-        frac_digits = digits.group(0)[:6] if digits else ""
-        rest = frac[len(digits.group(0)) if digits else 0:]
-        text = f"{head}.{frac_digits or '0'}{rest}"
-    if not re.search(r"[+-]\d\d:\d\d$", text):
-        text += "+00:00"
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
-
-
-def record_from_attrs(attrs: Mapping[str, Any]) -> ContainerRecord:
-    """A `ContainerRecord` from Docker's inspect JSON."""
-    config = attrs.get("Config") or {}
-    state = attrs.get("State") or {}
-    host_config = attrs.get("HostConfig") or {}
-    labels = dict(config.get("Labels") or {})
-    ports: set[int] = set()
-    for bindings in (host_config.get("PortBindings") or {}).values():
-        for b in bindings or []:
-            if str(b.get("HostPort") or "").isdigit():
-                ports.add(int(b["HostPort"]))
-    health = (state.get("Health") or {}).get("Status") or None
-    running = state.get("Status") == "running"
-    nets = ((attrs.get("NetworkSettings") or {}).get("Networks") or {})
-    networks = tuple(sorted(n for n in nets if n not in ("bridge", "host", "none")))
-    return ContainerRecord(
-        id=str(attrs.get("Id", "")),
-        name=str(attrs.get("Name", "")).lstrip("/"),
-        model=labels.get(LABEL_MODEL, ""),
-        state=str(state.get("Status", "unknown")),
-        health=health,
-        spec_hash=labels.get(LABEL_SPEC_HASH),
-        image=str(config.get("Image", "")),
-        ports=tuple(sorted(ports)),
-        started_at=_parse_time(state.get("StartedAt")) if running else None,
-        exit_code=None if running else state.get("ExitCode"),
-        restart_count=int(attrs.get("RestartCount") or 0),
-        labels=labels,
-        networks=networks,
-        oom_killed=bool(state.get("OOMKilled")),
-    )
-
 
 def _device_requests(raw: Sequence[Any]) -> list[docker.types.DeviceRequest]:
     out: list[docker.types.DeviceRequest] = []
@@ -205,7 +65,9 @@ def _device_requests(raw: Sequence[Any]) -> list[docker.types.DeviceRequest]:
         if isinstance(req, docker.types.DeviceRequest):
             out.append(req)
             continue
-        get = (lambda *keys: next((req[k] for k in keys if k in req), None))  # noqa: E731
+        def get(*keys: str, req: Mapping[str, Any] = req) -> Any:
+            return next((req[k] for k in keys if k in req), None)
+
         out.append(
             docker.types.DeviceRequest(
                 driver=get("Driver", "driver") or "",
@@ -218,30 +80,6 @@ def _device_requests(raw: Sequence[Any]) -> list[docker.types.DeviceRequest]:
     return out
 
 
-def _model_of(kwargs: Mapping[str, Any]) -> str:
-    return str((kwargs.get("labels") or {}).get(LABEL_MODEL, kwargs.get("name", "?")))
-
-
-def _gpu_ids(kwargs: Mapping[str, Any]) -> list[str]:
-    ids: list[str] = []
-    for req in kwargs.get("device_requests") or []:
-        got = req.get("DeviceIDs") or req.get("device_ids") or []
-        ids.extend(str(i) for i in got)
-    return ids
-
-
-def _host_ports(kwargs: Mapping[str, Any]) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = []
-    for binding in (kwargs.get("ports") or {}).values():
-        items = binding if isinstance(binding, list) else [binding]
-        for b in items:
-            if isinstance(b, tuple) and len(b) == 2:
-                out.append((str(b[0]), int(b[1])))
-            elif isinstance(b, int | str) and str(b).isdigit():
-                out.append(("0.0.0.0", int(b)))
-    return out
-
-
 class DockerEngine:
     """`Engine` over the Docker SDK. The client is created on first use."""
 
@@ -251,9 +89,11 @@ class DockerEngine:
         *,
         timeout: float = DEFAULT_DOCKER_TIMEOUT,
         client_factory: Callable[[], Any] | None = None,
+        pull_silence: float = DEFAULT_PULL_SILENCE,
     ) -> None:
         self.base_url = base_url or DEFAULT_DOCKER_SOCKET
         self.timeout = timeout
+        self.pull_silence = pull_silence
         self._explicit_url = base_url
         self._factory = client_factory or self._default_factory
         self._client: Any = None
@@ -293,7 +133,7 @@ class DockerEngine:
     # -- error mapping ---------------------------------------------------------------
 
     def _unreachable(self, exc: BaseException) -> DockerUnreachable:
-        reason = _short_reason(str(exc))
+        reason = short_reason(str(exc))
         return DockerUnreachable(
             f"cannot reach the Docker daemon at {self.base_url} ({reason}): {START_DOCKER_HINT}"
         )
@@ -307,7 +147,7 @@ class DockerEngine:
         except docker.errors.ImageNotFound as exc:
             image = (kwargs or {}).get("image", "?")
             raise ImageMissing(
-                f"image {image} not found locally (model {_model_of(kwargs or {})!r}); build it "
+                f"image {image} not found locally (model {model_of(kwargs or {})!r}); build it "
                 f"with scripts/build-images.sh or `docker pull {image}`"
             ) from exc
         except docker.errors.APIError as exc:
@@ -329,20 +169,20 @@ class DockerEngine:
         self, op: str, exc: docker.errors.APIError, kwargs: Mapping[str, Any]
     ) -> EngineError:
         text = str(exc.explanation or exc)
-        model = _model_of(kwargs)
-        if _is_gpu_driver_error(text):
-            gpus = _gpu_ids(kwargs)
+        model = model_of(kwargs)
+        if is_gpu_driver_error(text):
+            gpus = gpu_ids(kwargs)
             return NoGpuRuntime(
                 f"model {model!r} requests GPUs [{', '.join(gpus)}] but Docker has no NVIDIA "
                 f"runtime ({text.strip()}): install the NVIDIA Container Toolkit and restart "
                 f"dockerd, or set gpus = [] for a CPU image"
             )
-        if _is_port_error(text):
-            m = _PORT_RE.search(text)
+        if is_port_error(text):
+            m = PORT_RE.search(text)
             if m:
                 ip, port = m.group(1) or "0.0.0.0", int(m.group(2))
             else:
-                bound = _host_ports(kwargs)
+                bound = host_ports(kwargs)
                 ip, port = bound[0] if bound else ("?", 0)
             return PortInUse(
                 f"port {port} of model {model!r} is already in use on {ip}: find who holds it "
@@ -367,7 +207,8 @@ class DockerEngine:
             other = self.client.containers.get(name)
             labels = (other.attrs.get("Config") or {}).get("Labels") or {}
             managed = labels.get(LABEL_MANAGED) == "true"
-            who = f"container {other.short_id} (image {(other.attrs.get('Config') or {}).get('Image', '?')})"
+            image = (other.attrs.get("Config") or {}).get("Image", "?")
+            who = f"container {other.short_id} (image {image})"
         except Exception:  # best effort: the message is still useful without the details
             pass
         if managed:
@@ -385,7 +226,10 @@ class DockerEngine:
     def list_managed(self, labels: Mapping[str, str] | None = None) -> list[ContainerRecord]:
         wanted = [f"{LABEL_MANAGED}=true", *(f"{k}={v}" for k, v in (labels or {}).items())]
         with self._mapped("list containers"):
-            containers = self.client.containers.list(all=True, filters={"label": wanted})
+            # A container removed between the listing and its inspection (another fleet
+            # process, compose) is gone, not an error.
+            containers = self.client.containers.list(all=True, filters={"label": wanted},
+                                                     ignore_removed=True)
             return [record_from_attrs(c.attrs) for c in containers]
 
     def inspect(self, container: str) -> ContainerRecord | None:
@@ -403,6 +247,52 @@ class DockerEngine:
             return False
         return True
 
+    def pull(self, image: str, on_event: Callable[[Mapping[str, Any]], None]) -> None:
+        """Pull `image`, passing each of Docker's progress events to `on_event`.
+
+        Credentials are Docker's own: the SDK reads the Docker config (`~/.docker/config.json`
+        or `$DOCKER_CONFIG`, with its credential helpers) as `docker pull` does. A failure
+        is PullFailed with the registry's answer. The stream is read by a helper thread, so
+        a daemon silent for `pull_silence` seconds (Docker reports progress far more often)
+        is an error, not a hang.
+        """
+        repo, tag = docker.utils.parse_repository_tag(image)
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def read() -> None:
+            try:
+                with self._mapped("pull", {"image": image}):
+                    try:
+                        for event in self.client.api.pull(repo, tag=tag or "latest",
+                                                           stream=True, decode=True):
+                            events.put(("event", event))
+                    except docker.errors.APIError as exc:
+                        answer = str(exc.explanation or exc)
+                        raise PullFailed(pull_failed_message(image, answer), image=image,
+                                         answer=answer) from exc
+                events.put(("done", None))
+            except BaseException as exc:  # handed to the caller's thread
+                events.put(("error", exc))
+
+        threading.Thread(target=read, name=f"pull {image}", daemon=True).start()
+        while True:
+            try:
+                kind, value = events.get(timeout=self.pull_silence)
+            except queue.Empty:
+                self.close()  # drops the connection: the reader ends
+                raise EngineError(
+                    f"the Docker daemon at {self.base_url} reported nothing for "
+                    f"{self.pull_silence:g}s while pulling {image}; check `docker info` and "
+                    f"the registry, then retry") from None
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            if value.get("error"):
+                answer = str((value.get("errorDetail") or {}).get("message") or value["error"])
+                raise PullFailed(pull_failed_message(image, answer), image=image, answer=answer)
+            on_event(value)
+
     def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
         kwargs = dict(run_kwargs)
         if kwargs.get("device_requests"):
@@ -414,10 +304,8 @@ class DockerEngine:
                 container.start()
         except EngineError:
             # A container that never ran would only block the name: take it away again.
-            try:
+            with contextlib.suppress(Exception):
                 container.remove(force=True)
-            except Exception:
-                pass
             raise
         with self._mapped("inspect", run_kwargs):
             container.reload()
@@ -442,7 +330,7 @@ class DockerEngine:
 
     def stop(self, container: str, timeout: float) -> None:
         with self._mapped("stop"):
-            self.client.containers.get(container).stop(timeout=max(0, int(round(timeout))))
+            self.client.containers.get(container).stop(timeout=max(0, round(timeout)))
 
     def remove(self, container: str, *, force: bool = False) -> None:
         with self._mapped("remove"):
@@ -454,7 +342,7 @@ class DockerEngine:
     def logs(self, container: str, tail: int = 50) -> str:
         with self._mapped("logs"):
             raw = self.client.containers.get(container).logs(stdout=True, stderr=True, tail=tail)
-        return raw.decode("utf-8", errors="replace")
+        return bytes(raw).decode("utf-8", errors="replace")
 
     def follow_logs(self, container: str, tail: int = 50) -> Iterator[str]:
         """Log lines as they come; ends when the container stops.
@@ -477,7 +365,7 @@ class DockerEngine:
                     while b"\n" in buffer:
                         line, buffer = buffer.split(b"\n", 1)
                         ts, _, text = line.decode("utf-8", errors="replace").partition(" ")
-                        parsed = _parse_time(ts)
+                        parsed = parse_time(ts)
                         if parsed is not None:
                             since = parsed + 1e-6
                         yield text

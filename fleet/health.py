@@ -12,9 +12,7 @@ from typing import Protocol
 
 import httpx
 
-
-class ProbeError(RuntimeError):
-    """A call to a model's server failed (connection, timeout or an unexpected status)."""
+from fleet.errors import ProbeError
 
 
 @dataclass(frozen=True)

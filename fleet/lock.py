@@ -22,25 +22,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
+from fleet.errors import LockTimeout
+
 LOCK_ENV = "FLEET_LOCK_FILE"
 LOCK_DIR_ENV = "FLEET_LOCK_DIR"
 LOCK_NAME = "switch.lock"
 SHARED_LOCK_DIR = Path("/run/vllm-fleet")
 DEFAULT_LOCK_TIMEOUT = 600.0
-
-
-class LockTimeout(RuntimeError):
-    """The switch lock was not acquired in time; the message names the holder."""
-
-    def __init__(self, path: Path, timeout: float, holder: str) -> None:
-        self.path = path
-        self.timeout = timeout
-        self.holder = holder
-        super().__init__(
-            f"another fleet operation holds the switch lock {path} ({holder or 'holder unknown'}); "
-            f"waited {timeout:g}s. Wait for it to finish and retry, or, if that process is stuck, "
-            f"end it (kill PID); the lock is released when its holder exits."
-        )
 
 
 class LockUnavailable(LockTimeout):
@@ -173,7 +161,8 @@ class SwitchLock:
                     if time.monotonic() >= deadline:
                         raise LockTimeout(self.path, limit, self.holder()) from None
                     if not told and self._on_wait is not None:
-                        self._on_wait(f"waiting for the switch lock held by {self.holder() or 'another process'}")
+                        holder = self.holder() or "another process"
+                        self._on_wait(f"waiting for the switch lock held by {holder}")
                         told = True
                     time.sleep(self.poll_interval)
             try:

@@ -1,14 +1,6 @@
 """Reading the world: the managed containers (by label) and each replica's /health,
-classified into the states the planner and `fleet status` use.
-
-States a replica can be in (`ModelStatus.state`, the same words the planner uses):
-
-- absent: no container; stopped: a container that is not running (created/exited);
-- loading: running, /health not answering yet; healthy: running, /health 200;
-- running: running but unhealthy past its health timeout (or Docker says unhealthy);
-- sleeping: vLLM sleep mode, weights offloaded (`/is_sleeping` true);
-- drifted: the container was made from another spec (registry changed): `fleet up`
-  recreates it. A managed container whose model left the registry is listed as drifted too.
+classified into the states the planner and `fleet status` use (`fleet.states.ReplicaState`,
+which says what each means). Read-only: nothing here acts.
 
 A model's *up set* (`up_set`) is what up, switch and wake bring up: replicas
 0..initial_replicas-1 plus any sleeping replica.
@@ -21,12 +13,14 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fleet.clock import Clock
-from fleet.engine import ContainerRecord, DockerUnreachable, Engine, EngineError
+from fleet.containers import ContainerRecord, Engine
+from fleet.errors import DockerUnreachable, EngineError
 from fleet.health import Probe
-from fleet.planner import AWAKE_STATES, ObservedModel, model_state
+from fleet.planner import ObservedModel
 from fleet.registry import ModelSpec, Registry
 from fleet.report import ModelStatus
 from fleet.spec import LABEL_REPLICA, ContainerSpec
+from fleet.states import AWAKE_STATES, ReplicaState, model_state
 
 
 @dataclass(frozen=True)
@@ -38,7 +32,7 @@ class ReplicaSeen:
     extras: tuple[ContainerRecord, ...] = ()  # more containers labelled with the same replica
 
     @property
-    def state(self) -> str:
+    def state(self) -> ReplicaState:
         return self.status.state
 
     @property
@@ -84,7 +78,7 @@ def pick_record(records: Sequence[ContainerRecord],
 def up_set(m: ModelSpec, ms: ModelSeen) -> tuple[int, ...]:
     """The replicas up/switch/wake bring up: 0..initial_replicas-1 and any sleeping one."""
     sleeping = {i for i, s in ms.replicas.items()
-                if s.state == "sleeping" and i < m.replica_slots}
+                if s.state == ReplicaState.SLEEPING and i < m.replica_slots}
     return tuple(sorted({*range(m.initial_replicas), *sleeping}))
 
 
@@ -204,31 +198,33 @@ class Observer:
     @staticmethod
     def _stray(name: str, replica: int, rec: ContainerRecord, now: float,
                detail: str) -> ModelStatus:
-        return ModelStatus(name=name, state="drifted", port=rec.ports[0] if rec.ports else None,
-                           gpus=(), fraction=None, uptime=_uptime(rec, now), health=rec.state,
-                           container=rec.name, detail=detail, replica=replica)
+        return ModelStatus(name=name, state=ReplicaState.DRIFTED,
+                           port=rec.ports[0] if rec.ports else None, gpus=(), fraction=None,
+                           uptime=_uptime(rec, now), health=rec.state, container=rec.name,
+                           detail=detail, replica=replica)
 
     def _classify(self, m: ModelSpec, replica: int, spec: ContainerSpec,
                   rec: ContainerRecord | None, now: float, probe: bool) -> ModelStatus:
-        base = dict(name=m.name, port=m.replica_port(replica), gpus=tuple(m.gpus),
-                    fraction=self.registry.gpu_fraction(m), replica=replica)
+        def row(state: ReplicaState, health: str, detail: str = "") -> ModelStatus:
+            return ModelStatus(name=m.name, state=state, port=m.replica_port(replica),
+                               gpus=tuple(m.gpus), fraction=self.registry.gpu_fraction(m),
+                               uptime=None if rec is None else _uptime(rec, now), health=health,
+                               container=None if rec is None else rec.name, detail=detail,
+                               replica=replica)
+
         if rec is None:
-            return ModelStatus(state="absent", uptime=None, health="-", **base)
-        uptime = _uptime(rec, now)
-        common = dict(uptime=uptime, container=rec.name, **base)
+            return row(ReplicaState.ABSENT, "-")
+        drifted = rec.spec_hash != spec.spec_hash
         if not rec.running:
-            state = "drifted" if rec.spec_hash != spec.spec_hash else "stopped"
             detail = f"container {rec.state}{_exit_note(rec)}"
-            if state == "drifted":
+            if drifted:
                 detail += "; the registry changed since it was made: `fleet up` recreates it"
-            return ModelStatus(state=state, health="-", detail=detail, **common)
+            return row(ReplicaState.DRIFTED if drifted else ReplicaState.STOPPED, "-", detail)
         if rec.state == "paused":
-            return ModelStatus(state="running", health="paused",
-                               detail="container paused (`docker unpause`)", **common)
+            return row(ReplicaState.RUNNING, "paused", "container paused (`docker unpause`)")
         if rec.state == "restarting":
-            return ModelStatus(state="loading", health="restarting",
-                               detail=f"container restarting (restarts: {rec.restart_count})",
-                               **common)
+            return row(ReplicaState.LOADING, "restarting",
+                       f"container restarting (restarts: {rec.restart_count})")
         health, sleeping, detail = "-", False, ""
         url = base_url(self.registry, m, replica)
         if probe:
@@ -242,21 +238,21 @@ class Observer:
                 detail = f"/health: {result.detail}"
         else:
             health = rec.health or "-"
-        if rec.spec_hash != spec.spec_hash:
-            return ModelStatus(state="drifted", health=health,
-                               detail="the registry changed since this container was made: "
-                                      "`fleet up` recreates it", **common)
+        if drifted:
+            return row(ReplicaState.DRIFTED, health, "the registry changed since this "
+                                                     "container was made: `fleet up` recreates it")
+        uptime = _uptime(rec, now)
         if sleeping:
-            state = "sleeping"
+            state = ReplicaState.SLEEPING
         elif health == "ok" or (not probe and rec.health == "healthy"):
-            state = "healthy"
+            state = ReplicaState.HEALTHY
         elif rec.health == "unhealthy" or (uptime or 0.0) > self.registry.health_timeout(m):
-            state, health = "running", "unhealthy"
+            state, health = ReplicaState.RUNNING, "unhealthy"
         elif not probe and rec.health is None:
-            state = "running"
+            state = ReplicaState.RUNNING
         else:
-            state = "loading"
-        return ModelStatus(state=state, health=health, detail=detail, **common)
+            state = ReplicaState.LOADING
+        return row(state, health, detail)
 
     def status(self, models: Collection[str] | None = None, *,
                probe: bool = True) -> list[ModelStatus]:
@@ -286,16 +282,22 @@ class Observer:
         except EngineError as exc:
             return f"unknown ({exc})"
         parts = [f"{replica_label(self.registry, n, i)} {s.state}" for n, ms in seen.items()
-                 for i, s in sorted(ms.replicas.items()) if s.state != "absent"]
+                 for i, s in sorted(ms.replicas.items()) if s.state != ReplicaState.ABSENT]
         awake = awake_models(seen)
         return (", ".join(parts) or "no containers") + \
             f"; awake: {', '.join(awake) if awake else 'none'}"
 
-    def current(self, name: str, replica: int = 0) -> ContainerRecord | None:
-        """Replica `replica` of `name`'s container as it is now (no probe), None if none."""
-        mine = [r for r in self.engine.list_managed(self.extra_labels)
-                if r.model == name and replica_index(r) == replica]
-        return pick_record(mine, self.replica_specs[name][replica].name) if mine else None
+    def containers(self) -> dict[tuple[str, int], ContainerRecord]:
+        """(model, replica) -> the container that stands for it now, from one listing (no
+        probe): what a wait polls, once per round for every replica it waits for."""
+        grouped: dict[tuple[str, int], list[ContainerRecord]] = {}
+        for r in self.engine.list_managed(self.extra_labels):
+            grouped.setdefault((r.model, replica_index(r)), []).append(r)
+        out: dict[tuple[str, int], ContainerRecord] = {}
+        for (name, i), recs in grouped.items():
+            specs = self.replica_specs.get(name, ())
+            out[(name, i)] = pick_record(recs, specs[i].name if i < len(specs) else None)
+        return out
 
 
 def _signal_name(rec: ContainerRecord) -> str | None:

@@ -1,94 +1,14 @@
 """What a fleet operation tells its caller: the report of what it did (`Report`, one
-`ActionTaken` per replica acted on), a status row (`ModelStatus`), and the errors it raises
-(`FleetError` and its kinds), each with the CLI exit code and a message that says what was
-done, the state now and how to recover."""
+`ActionTaken` per replica acted on, phase timings, how the target came up) and a status row
+(`ModelStatus`). Pure data: no Docker; the gateway reads these. The errors an operation
+raises are in `fleet.errors`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fleet.engine import EngineError
-from fleet.planner import Violation
-
-
-class FleetError(RuntimeError):
-    """An operation failed; `exit_code` is what the CLI exits with."""
-
-    exit_code = 1
-
-
-class UnknownModel(FleetError):
-    exit_code = 2
-
-
-class ScaleOutOfRange(FleetError):
-    """`scale` to a count outside the model's replica range (a usage error)."""
-
-    exit_code = 2
-
-
-class PlacementRefused(FleetError):
-    """The requested models cannot be awake together with what is awake (or at all)."""
-
-    def __init__(self, message: str, violations: Sequence[Violation]) -> None:
-        self.violations = tuple(violations)
-        lines = "\n".join(f"  - [{v.kind}] {v.message}" for v in self.violations)
-        super().__init__(f"{message}\n{lines}" if lines else message)
-
-
-@dataclass(frozen=True)
-class ModelFailure:
-    model: str
-    reason: str
-    container: str | None
-    log_tail: str
-    replica: int | None = None  # set for a model with several replica slots
-
-    @property
-    def label(self) -> str:
-        return f"model {self.model!r}" + ("" if self.replica is None
-                                          else f" replica {self.replica}")
-
-
-class StartFailed(FleetError):
-    """One or more models did not become healthy; the message has their logs and the state."""
-
-    def __init__(self, failures: Sequence[ModelFailure], state: str, recover: str) -> None:
-        self.failures = tuple(failures)
-        self.state = state
-        self.recover = recover
-        parts: list[str] = []
-        for f in self.failures:
-            parts.append(f"{f.label} failed to start: {f.reason}")
-            if f.log_tail.strip():
-                parts.append(f"--- last log lines of {f.container} ---")
-                parts.append(f.log_tail.rstrip("\n"))
-                parts.append("---")
-        parts.append(f"fleet state now: {state}")
-        parts.append(f"to recover: {recover}")
-        super().__init__("\n".join(parts))
-
-
-class Interrupted(FleetError):
-    """The container engine failed part-way through an operation, after the fleet began to
-    act (e.g. the Docker daemon went away while the target loaded): the message says what
-    had been done, the state now (unknown while the daemon does not answer) and how to
-    recover."""
-
-    def __init__(self, operation: str, cause: EngineError, done: Sequence[str], state: str,
-                 recover: str) -> None:
-        self.cause = cause
-        self.done = tuple(done)
-        self.state = state
-        self.recover = recover
-        super().__init__("\n".join([
-            f"{operation} interrupted: {cause}",
-            f"done before that: {'; '.join(self.done) or 'nothing'}",
-            f"fleet state now: {state}",
-            f"to recover: {recover}",
-        ]))
+from fleet.states import Action, BringUp, Phase, ReplicaState
 
 
 @dataclass(frozen=True)
@@ -96,7 +16,7 @@ class ModelStatus:
     """One row of `fleet status`: one replica of a model (`replica` 0 for a single one)."""
 
     name: str
-    state: str
+    state: ReplicaState
     port: int | None
     gpus: tuple[int, ...]
     fraction: float | None
@@ -108,6 +28,7 @@ class ModelStatus:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["state"] = str(self.state)
         d["gpus"] = list(self.gpus)
         d["uptime"] = None if self.uptime is None else round(self.uptime, 1)
         return d
@@ -115,35 +36,68 @@ class ModelStatus:
 
 @dataclass(frozen=True)
 class ActionTaken:
+    """One thing done to one replica, how long it took, and why (`note`)."""
+
     model: str
-    action: str  # sleep, stop, wake, start, restart, create, recreate, remove, none
+    action: Action
     seconds: float
     note: str = ""
     replica: int = 0
 
 
+@dataclass(frozen=True)
+class PhaseTimings:
+    """A report's timings by phase, in seconds (None: the operation had no such phase).
+    See `fleet.states.Phase` for what each covers."""
+
+    pull: float | None
+    evict: float | None
+    start: float | None
+    healthy: float | None
+    total: float | None
+
+
 @dataclass
 class Report:
-    """What an operation did (one action per replica acted on), with phase timings in
-    seconds (evict, start, healthy, total)."""
+    """What an operation did (one action per replica acted on), with phase timings.
+
+    `timings`: seconds per `Phase` (keys in the order the phases ran: evict, start,
+    healthy, total, with pull first when an image was pulled); `phases` is the same as a
+    typed record. `bring_up_kind`: how the target came up (wake, start or create), None
+    when nothing had to be brought up. `awake`: the models awake when it finished.
+    """
 
     operation: str
     target: tuple[str, ...]
     actions: list[ActionTaken] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[Phase, float] = field(default_factory=dict)
     awake: tuple[str, ...] = ()
 
+    @property
+    def phases(self) -> PhaseTimings:
+        t = self.timings
+        return PhaseTimings(pull=t.get(Phase.PULL), evict=t.get(Phase.EVICT),
+                            start=t.get(Phase.START), healthy=t.get(Phase.HEALTHY),
+                            total=t.get(Phase.TOTAL))
+
+    @property
+    def bring_up_kind(self) -> BringUp | None:
+        """The costliest way a replica of the target came up (create > start > wake), or
+        None when the operation brought none up (all already awake, or sleep/down)."""
+        kinds = [k for a in self.actions if a.model in self.target
+                 if (k := BringUp.of(a.action)) is not None]
+        return max(kinds, key=lambda k: k.cost) if kinds else None
+
     def as_dict(self) -> dict[str, Any]:
+        kind = self.bring_up_kind
         return {
             "operation": self.operation,
             "target": list(self.target),
-            "actions": [asdict(a) for a in self.actions],
-            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "actions": [{**asdict(a), "action": str(a.action)} for a in self.actions],
+            "timings": {str(k): round(v, 3) for k, v in self.timings.items()},
+            "bring_up": None if kind is None else str(kind),
             "awake": list(self.awake),
         }
 
     def timing_line(self) -> str:
         return ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items())
-
-
-SwitchReport = Report

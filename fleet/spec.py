@@ -53,6 +53,7 @@ from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any
 
+from fleet.placement import assign_replica_cpusets
 from fleet.registry import ModelSpec, Registry
 
 LABEL_MANAGED = "io.vllm-fleet.managed"
@@ -369,3 +370,22 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     return value
+
+
+def replica_specs(registry: Registry, *, name_prefix: str = DEFAULT_NAME_PREFIX,
+                  ) -> dict[str, tuple[ContainerSpec, ...]]:
+    """The container spec of every replica slot of every managed model, pinned with
+    `assign_replica_cpusets` over all of them: the one set of specs both the fleet and
+    compose.yaml are made from."""
+    managed = [n for n, m in registry.models.items() if m.managed]
+    cpusets = assign_replica_cpusets(registry, managed)
+    return {n: tuple(container_spec(registry, n, replica=i, cpuset=cpusets.get((n, i)),
+                                    name_prefix=name_prefix)
+                     for i in range(registry.models[n].replica_slots))
+            for n in managed}
+
+
+def fleet_specs(registry: Registry, *,
+                name_prefix: str = DEFAULT_NAME_PREFIX) -> dict[str, ContainerSpec]:
+    """Replica 0's container spec of every managed model (see `replica_specs`)."""
+    return {n: specs[0] for n, specs in replica_specs(registry, name_prefix=name_prefix).items()}

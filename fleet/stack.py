@@ -31,9 +31,8 @@ from typing import Any
 
 import yaml
 
-from fleet.planner import replica_specs
 from fleet.registry import Registry, replica_service_name
-from fleet.spec import DEFAULT_NAME_PREFIX, docker_run_kwargs
+from fleet.spec import DEFAULT_NAME_PREFIX, docker_run_kwargs, replica_specs
 from fleet.swarm import service_spec
 
 STACK_VERSION = "3.8"

@@ -51,8 +51,10 @@ from fleet.cluster import (
     node_address,
     node_hostname,
 )
-from fleet.engine import ContainerRecord, DockerEngine, EngineError, _parse_time
-from fleet.health import HealthResult, Probe, ProbeError
+from fleet.containers import ContainerRecord, parse_time
+from fleet.engine import DockerEngine
+from fleet.errors import EngineError, ProbeError
+from fleet.health import HealthResult, Probe
 from fleet.registry import Registry
 from fleet.spec import LABEL_MANAGED, LABEL_MODEL, LABEL_SPEC_HASH
 
@@ -184,8 +186,8 @@ def service_spec(run_kwargs: Mapping[str, Any], registry: Registry, *,
 
 
 def _task_time(task: Mapping[str, Any]) -> float:
-    return _parse_time((task.get("Status") or {}).get("Timestamp")) or \
-        _parse_time(task.get("CreatedAt")) or 0.0
+    return parse_time((task.get("Status") or {}).get("Timestamp")) or \
+        parse_time(task.get("CreatedAt")) or 0.0
 
 
 def current_task(tasks: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -225,16 +227,16 @@ def record_from_service(service: Mapping[str, Any], tasks: Sequence[Mapping[str,
         node = ""
     elif tstate == "running":
         state, health = "running", "healthy"
-        started_at = _parse_time((task or {}).get("CreatedAt"))
+        started_at = parse_time((task or {}).get("CreatedAt"))
     elif tstate in _COMING or task is None:
         state, health = "running", "starting"
-        started_at = _parse_time((task or {}).get("CreatedAt"))
+        started_at = parse_time((task or {}).get("CreatedAt"))
     else:
         recent = [(t.get("Status") or {}).get("State") for t in ordered[:CRASH_LOOP_FAILURES]]
         crash = len(recent) >= CRASH_LOOP_FAILURES and all(s in _FAILED for s in recent)
         state = "restarting" if crash else "running"
         health = "starting"
-        started_at = _parse_time((task or {}).get("CreatedAt"))
+        started_at = parse_time((task or {}).get("CreatedAt"))
     if node:
         labels[LABEL_SWARM_NODE] = node
     name = str(spec.get("Name", ""))
@@ -381,6 +383,9 @@ class SwarmEngine:
         """Always True: each node pulls the image when its task starts (a pull failure shows
         as the task's error in `fleet status`)."""
         return True
+
+    def pull(self, image: str, on_event: Callable[[Mapping[str, Any]], None]) -> None:
+        """Nothing here: each node pulls the image when its task starts."""
 
     def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
         if not self._labelled:

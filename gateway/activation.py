@@ -21,6 +21,7 @@ from typing import Protocol
 
 import anyio
 
+from fleet.errors import ModelsBusy
 from gateway import errors
 
 log = logging.getLogger("gateway.activation")
@@ -77,9 +78,7 @@ class Activator:
                 return
             except Exception as exc:  # the fleet's errors carry the reason to show
                 reason = str(exc).strip() or type(exc).__name__
-                busy = any(getattr(v, "kind", "") == "busy"
-                           for v in getattr(exc, "violations", ()))
-                if busy and self.clock() + self.drain_poll < deadline:
+                if isinstance(exc, ModelsBusy) and self.clock() + self.drain_poll < deadline:
                     await asyncio.sleep(self.drain_poll)  # let the models in the way drain
                     continue
                 log.warning("activation of %s failed: %s", model, reason)

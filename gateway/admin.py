@@ -96,10 +96,15 @@ class Admin:
                     "last_error": inst.last_error or None,
                 } for inst in state.instances[name]],
             }
+        view = gw.scheduler_view()
+        if view is not None:  # each model's place in the time-sharing, beside its figures
+            for name, entry in models.items():
+                entry["scheduler"] = view["models"].get(name)
         body: dict[str, Any] = {
             "registry": {"source": state.registry.source, "models": len(models)},
             "activation": activator is not None,
             "models": models,
+            "scheduler": view and {k: v for k, v in view.items() if k != "models"},
             "fleet": None,
         }
         if activator is not None and request.query_params.get("fleet", "true") != "false":

@@ -28,12 +28,14 @@ from gateway import auth, ui
 from gateway.admin import Admin
 from gateway.admit import FleetAdmitter
 from gateway.background import Background
+from gateway.fastpath import GatewayApp
 from gateway.listing import Listing
 from gateway.middleware import AccessMeter, RequestIdMiddleware, error_handlers
 from gateway.ports import Admitter, FleetOpener
 from gateway.proxy import MODEL_ENDPOINTS, Proxy
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
+from gateway.scheduler.metrics import SchedulerMetrics
 from gateway.scheduler.runtime import Scheduler
 from gateway.settings import GatewaySettings
 from gateway.ui import GatewaySource, RecordingOpener, SwitchHistory
@@ -74,6 +76,8 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     if settings.scheduler == "fair":
         scheduler = Scheduler(settings, runtime.state, lambda: runtime.activator, runtime.clock)
         runtime.use_scheduler(scheduler)
+        scheduler.on_action = SchedulerMetrics(runtime.metrics.registry, lambda: scheduler.core,
+                                               runtime.clock).on_action
         admitter = scheduler
     else:
         admitter = FleetAdmitter(runtime)
@@ -101,7 +105,7 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
         finally:
             await runtime.upstreams.aclose()
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=error_handlers(meter))
+    app = GatewayApp(routes=routes, lifespan=lifespan, exception_handlers=error_handlers(meter))
     app.router.redirect_slashes = False  # a redirect would expose routes to path tricks
     # Outermost last: CORS (answers preflights, decorates every answer) > request id > keys.
     app.add_middleware(auth.AccessMiddleware, access=access, on_reject=meter.rejected)
@@ -110,5 +114,8 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id"])
+    else:  # POST to a model endpoint: the same middlewares, without Starlette's stack
+        app.lean(MODEL_ENDPOINTS, proxy.by_body, lambda endpoint: RequestIdMiddleware(
+            auth.AccessMiddleware(endpoint, access=access, on_reject=meter.rejected)))
     app.state.gateway = runtime
     return app

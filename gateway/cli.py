@@ -14,7 +14,6 @@ from gateway.app import create_app
 from gateway.auth import AccessConfigError
 from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
-from gateway.upstream import aiohttp_available
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                         "FLEET_REGISTRY_JSON, FLEET_REGISTRY, MODEL_ID, ./models.toml")
     parser.add_argument("--upstream-host", help="host of managed models; 'service' in compose")
     parser.add_argument("--log-level", help="uvicorn log level (default info)")
-    parser.add_argument("--upstream-client", choices=("aiohttp", "httpx"),
-                        help="client to the models (GATEWAY_UPSTREAM_CLIENT; default aiohttp "
-                             "when installed, else httpx)")
+    parser.add_argument("--upstream-client", choices=("h1", "aiohttp", "httpx"),
+                        help="client to the models (GATEWAY_UPSTREAM_CLIENT; default h1, the "
+                             "gateway's own; https models use aiohttp)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
@@ -36,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
-    if "upstream_client" not in settings.model_fields_set and aiohttp_available():
-        settings = settings.model_copy(update={"upstream_client": "aiohttp"})
+    if "upstream_client" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"upstream_client": "h1"})
     # --registry / GATEWAY_REGISTRY > FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID
     # > ./models.toml
     load = functools.partial(load_registry_from_env,

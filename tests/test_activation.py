@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from fleet.errors import ModelsBusy, PlacementRefused
+from fleet.placement import Violation as FleetViolation
 from gateway.activation import Activator, idle_loop
 from gateway.errors import GatewayError
 
@@ -20,10 +22,10 @@ class Violation:
     message: str
 
 
-class Refused(Exception):
-    def __init__(self, message: str, kinds: list[str]) -> None:
-        super().__init__(message)
-        self.violations = [Violation(k, message) for k in kinds]
+def Refused(message: str, kinds: list[str]) -> PlacementRefused:
+    """The fleet's typed refusal: ModelsBusy when a busy model is in the way."""
+    violations = [FleetViolation(k, message) for k in kinds]
+    return (ModelsBusy if "busy" in kinds else PlacementRefused)(message, violations)
 
 
 class FakeFleet:

@@ -8,7 +8,7 @@ import pytest
 
 from fleet.api import FleetClient, SettingsError, build_fleet, load_settings, parse_labels
 from fleet.engine import DockerEngine
-from fleet.report import PlacementRefused, ScaleOutOfRange, StartFailed
+from fleet.errors import PlacementRefused, ScaleOutOfRange, StartFailed
 from support.fleet_fakes import REPLICA_TOML, FakeWorld, make_fleet, make_registry
 
 pytestmark = pytest.mark.unit

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from fleet.cli import main
-from fleet.engine import DockerUnreachable
+from fleet.errors import DockerUnreachable
 from support.fleet_fakes import REGISTRY_TOML, FakeWorld, make_fleet, make_registry
 from support.registries import WriteRegistry
 
@@ -48,7 +48,7 @@ def cli(world: FakeWorld, registry_file: Path, tmp_path: Path):  # type: ignore[
     def run(*argv: str, registry: Path | None = registry_file, fake: bool = True) -> Run:
         out, err = io.StringIO(), io.StringIO()
         full = [*(["--registry", str(registry)] if registry else []), *argv]
-        code = main(full, fleet_factory=factory if fake else None, stdout=out, stderr=err)
+        code = main(full, fleet_builder=factory if fake else None, stdout=out, stderr=err)
         return Run(code, out.getvalue(), err.getvalue())
 
     return run
@@ -119,9 +119,9 @@ def test_refused_switch_exits_1(world, registry_file: Path, tmp_path: Path) -> N
         return make_fleet(world, registry, tmp_path, busy=lambda m: True)
 
     out, err = io.StringIO(), io.StringIO()
-    assert main(["--registry", str(registry_file), "up"], fleet_factory=factory,
+    assert main(["--registry", str(registry_file), "up"], fleet_builder=factory,
                 stdout=out, stderr=err) == 0
-    code = main(["--registry", str(registry_file), "switch", "b"], fleet_factory=factory,
+    code = main(["--registry", str(registry_file), "switch", "b"], fleet_builder=factory,
                 stdout=out, stderr=err)
     assert code == 1 and "[busy]" in err.getvalue()
 

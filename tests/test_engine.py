@@ -10,15 +10,15 @@ import docker.types
 import pytest
 import requests
 
-from fleet.engine import (
-    DockerEngine,
+from fleet.containers import record_from_attrs
+from fleet.engine import DockerEngine
+from fleet.errors import (
     DockerUnreachable,
     EngineError,
     ImageMissing,
     NameConflict,
     NoGpuRuntime,
     PortInUse,
-    record_from_attrs,
 )
 from fleet.registry import parse_registry
 from fleet.spec import container_spec, docker_run_kwargs
@@ -79,8 +79,9 @@ class FakeContainers:
     def __init__(self, client: FakeClient) -> None:
         self.client = client
 
-    def list(self, all: bool, filters: dict[str, Any]) -> list[FakeContainer]:
-        self.client.calls.append(("list", all, filters))
+    def list(self, all: bool, filters: dict[str, Any],
+             ignore_removed: bool = False) -> list[FakeContainer]:
+        self.client.calls.append(("list", all, filters, ignore_removed))
         return [FakeContainer(a, self.client) for a in self.client.existing]
 
     def get(self, name: str) -> FakeContainer:
@@ -157,8 +158,10 @@ def test_list_managed_filters_by_labels(engine: DockerEngine, client: FakeClient
     client.existing = [attrs()]
     (rec,) = engine.list_managed({"io.vllm-fleet.test": "r1"})
     assert rec.model == "a"
+    # ignore_removed: a container removed while docker-py inspects the listed ones is skipped
+    # (seen as "No such container" from a listing racing a concurrent `fleet down`)
     assert client.calls[0] == ("list", True, {"label": ["io.vllm-fleet.managed=true",
-                                                        "io.vllm-fleet.test=r1"]})
+                                                        "io.vllm-fleet.test=r1"]}, True)
 
 
 def test_run_converts_device_requests_and_starts(engine: DockerEngine, client: FakeClient,

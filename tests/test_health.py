@@ -6,7 +6,8 @@ import httpx
 import pytest
 import respx
 
-from fleet.health import HttpProbe, ProbeError
+from fleet.errors import ProbeError
+from fleet.health import HttpProbe
 
 pytestmark = pytest.mark.unit
 

@@ -1,5 +1,5 @@
 """The code's shape: no import cycle inside gateway/ or fleet/, fleet never imports gateway,
-and no gateway module past 400 lines (the project's rule; fleet/ joins once it is split)."""
+and no module of either past 400 lines (the project's rule)."""
 
 from __future__ import annotations
 
@@ -79,3 +79,13 @@ def test_gateway_modules_stay_small() -> None:
     long = {p.name: n for p in (ROOT / "gateway").glob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"gateway modules past {MAX_LINES} lines: {long}"
+
+
+# fleet modules still past the limit, each to be split by the change that owns it.
+FLEET_LONG_FOR_NOW = {"swarm.py"}
+
+
+def test_fleet_modules_stay_small() -> None:
+    long = {p.name: n for p in (ROOT / "fleet").glob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert set(long) <= FLEET_LONG_FOR_NOW, f"fleet modules past {MAX_LINES} lines: {long}"

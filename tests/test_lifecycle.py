@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from fleet.engine import DockerUnreachable, NoGpuRuntime
+from fleet.errors import (
+    DockerUnreachable,
+    Interrupted,
+    NoGpuRuntime,
+    PlacementRefused,
+    ScaleOutOfRange,
+    StartFailed,
+    UnknownModel,
+)
 from fleet.lifecycle import Fleet
-from fleet.report import Interrupted, PlacementRefused, ScaleOutOfRange, StartFailed, UnknownModel
 from support.fleet_fakes import REPLICA_TOML, FakeWorld, make_fleet, make_registry, spec_hash_of
 
 pytestmark = pytest.mark.unit
@@ -73,7 +80,7 @@ def test_extra_labels_scope_what_the_fleet_sees_and_creates(world: FakeWorld,
     fleet = make_fleet(world, make_registry(), tmp_path, extra_labels={"io.vllm-fleet.test": "r1"})
     world.add_container("a", port=18001, spec_hash=spec_hash_of(fleet, "a"))  # not in scope
     assert states(fleet)["a"] == "absent"
-    kwargs = fleet.run_kwargs("b")
+    kwargs = fleet.actor.run_kwargs("b")
     assert kwargs["labels"]["io.vllm-fleet.test"] == "r1"
     assert kwargs["labels"]["io.vllm-fleet.spec-hash"] == spec_hash_of(fleet, "b")
 
@@ -359,7 +366,7 @@ def test_a_configured_network_wins(world: FakeWorld, tmp_path: Path) -> None:
                         networks=("proj_default",))
     fleet.switch("c")
     assert world.by_model("c")[0].kwargs["networking_config"] == {"fleetnet": {"Aliases": ["vllm-c"]}}
-    assert "network" not in make_fleet(FakeWorld(), make_registry(), tmp_path).run_kwargs("a")
+    assert "network" not in make_fleet(FakeWorld(), make_registry(), tmp_path).actor.run_kwargs("a")
 
 
 def test_containers_made_on_a_compose_network_join_its_project(fleet: Fleet,
@@ -598,7 +605,7 @@ def test_logs_of_a_replica(rfleet: Fleet, world: FakeWorld) -> None:
 
 
 def test_switch_refuses_before_evicting_when_the_target_image_is_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from fleet.engine import ImageMissing
+    from fleet.errors import ImageMissing
 
     world = FakeWorld()
     fleet = make_fleet(world, make_registry(), tmp_path)

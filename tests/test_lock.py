@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.lock import LockTimeout, LockUnavailable, SwitchLock, default_lock_path
+from fleet.errors import LockTimeout
+from fleet.lock import LockUnavailable, SwitchLock, default_lock_path
 
 pytestmark = pytest.mark.unit
 

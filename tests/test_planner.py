@@ -6,22 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from fleet.planner import (
-    ObservedModel,
-    SwitchPlan,
+from fleet.check import check_registry
+from fleet.placement import (
     Violation,
     assign_cpusets,
     assign_replica_cpusets,
     check_placement,
-    check_registry,
-    describe_plan,
-    fleet_specs,
     gateway_cpuset,
-    model_state,
-    plan_switch,
-    replica_specs,
 )
+from fleet.planner import ObservedModel, SwitchPlan, describe_plan, plan_switch
 from fleet.registry import ModelSpec, load_registry, parse_registry
+from fleet.spec import fleet_specs, replica_specs
+from fleet.states import model_state
 
 pytestmark = pytest.mark.unit
 

@@ -48,6 +48,7 @@ source = "sim/slow"
 port = {port_b}
 autostart = false
 image = "{image_slow}"
+pull = "never"  # a missing image is refused, not pulled (no registry serves it)
 env = {{ VLLM_SIM_LOAD_SECONDS = "{load}" }}
 """
 

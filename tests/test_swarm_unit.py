@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
+from fleet.check import check_registry
 from fleet.cli import main as fleet_main
 from fleet.cluster import candidate_nodes, node_urls, planning_node
 from fleet.health import HealthResult
-from fleet.planner import check_placement, check_registry, replica_specs
+from fleet.placement import check_placement
 from fleet.registry import RegistryError, parse_registry
-from fleet.spec import docker_run_kwargs
+from fleet.spec import docker_run_kwargs, replica_specs
 from fleet.stack import render_stack, stack_drift
 from fleet.swarm import (
     LABEL_SWARM_NODE,

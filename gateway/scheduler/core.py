@@ -193,7 +193,7 @@ class SchedulerCore:
             e = self.models.get(name)
             if e is not None:
                 self._set(e, state if state.cold else Residency.STOPPED, now)
-            if ev.evict_seconds and ev.evicted:
+            if ev.evicted:
                 self.costs.record_evict(name, ev.evict_seconds / len(ev.evicted))
         # Models marked evicting that the fleet did not report: trust the plan.
         for e in self.models.values():
@@ -211,15 +211,15 @@ class SchedulerCore:
         m = self.models.get(ev.target)
         if m is not None:
             self._set(m, ev.observed.get(ev.target, Residency.STOPPED), now)
-            message = (f"Model `{ev.target}` is not awake and could not be brought up: "
-                       f"{ev.reason}")
-            for req in list(m.queue.values()):
-                self._drop(req)
-                out.append(Reject(req.rid, req.model, ev.status, message,
-                                  self._retry_after(m, now)))
+        message = f"Model `{ev.target}` is not awake and could not be brought up: {ev.reason}"
+        wait = self._retry_after(m, now) if m is not None else 1
+        for req in [] if m is None or ev.retry else list(m.queue.values()):
+            self._drop(req)
+            out.append(Reject(req.rid, req.model, ev.status, message, wait))
         for e in self.models.values():
             if e.state is Residency.EVICTING:
                 self._set(e, ev.observed.get(e.policy.name, Residency.STOPPED), now)
+        self._believe(ev.observed, now)
         if self.history and self.history[-1].get("target") == ev.target:
             self.history[-1].update(result="failed", error=ev.reason)
         self._schedule(now, out)
@@ -232,20 +232,23 @@ class SchedulerCore:
         self._schedule(ev.now, out)
 
     def _observed(self, ev: Observed, out: list[Action]) -> None:
-        for name, state in ev.states.items():
+        self._believe(ev.states, ev.now)
+        self._schedule(ev.now, out)
+
+    def _believe(self, states: Mapping[str, Residency], now: float) -> None:
+        for name, state in states.items():
             m = self.models.get(name)
             if m is None or not m.policy.shared:
                 continue
             if m.state in (Residency.ACTIVATING, Residency.EVICTING):
                 continue  # ours, in progress
             if state.holds and not m.state.holds:
-                self._set(m, Residency.AWAKE, ev.now)
-                m.resident_since = ev.now
+                self._set(m, Residency.AWAKE, now)
+                m.resident_since = now
             elif state.cold and m.state.holds and m.in_flight == 0:
-                self._set(m, state, ev.now)
+                self._set(m, state, now)
             elif state.cold and m.state.cold:
                 m.state = state
-        self._schedule(ev.now, out)
 
     # -- the decision ---------------------------------------------------------------------
     def _schedule(self, now: float, out: list[Action]) -> None:

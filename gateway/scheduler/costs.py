@@ -37,6 +37,18 @@ class SwitchCosts:
                 return min(measured, self.defaults[kind])
         return self.defaults[kind]
 
+    def measured_bring_up(self, model: str, kind: BringUp) -> float:
+        """What was measured (a cheaper kind bounded by a costlier one), else 0: the quantum
+        grows with what the fleet has shown, not with guesses."""
+        if (model, kind) in self._up:
+            return self._up[(model, kind)]
+        later = [self._up[(model, k)] for k in _ORDER[_ORDER.index(kind) + 1:]
+                 if (model, k) in self._up]
+        return min(later) if later and kind is not BringUp.WAKE else 0.0
+
+    def measured_evict(self, model: str) -> float:
+        return self._evict.get(model, 0.0)
+
     def evict(self, model: str) -> float:
         return self._evict.get(model, self.evict_default)
 

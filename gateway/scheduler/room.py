@@ -49,8 +49,8 @@ def quantum(core: SchedulerCore, holder: _Model, waiting: _Model) -> float:
     """How long `holder` may keep the resource while `waiting` waits."""
     if holder.policy.quantum is not None:
         return holder.policy.quantum
-    cost = (core.costs.evict(holder.policy.name)
-            + core.costs.bring_up(waiting.policy.name, BringUp.of(waiting.state)))
+    cost = (core.costs.measured_evict(holder.policy.name)
+            + core.costs.measured_bring_up(waiting.policy.name, BringUp.of(waiting.state)))
     share = min(max(core.config.switch_share, 0.01), 0.99)
     return max(core.config.quantum_floor, cost * (1 - share) / share)
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import anyio
 
-from fleet.planner import check_placement
+from fleet.errors import PlacementRefused
+from fleet.placement import check_placement
 from fleet.registry import Registry
 from gateway import errors
 from gateway.activation import Activator
@@ -56,8 +57,22 @@ from gateway.state import RoutingState
 log = logging.getLogger("gateway.scheduler")
 
 _STATES = {"healthy": Residency.AWAKE, "running": Residency.AWAKE, "loading": Residency.AWAKE,
-           "sleeping": Residency.ASLEEP, "stopped": Residency.STOPPED,
-           "absent": Residency.ABSENT}
+           "drifted": Residency.AWAKE, "sleeping": Residency.ASLEEP,
+           "stopped": Residency.STOPPED, "absent": Residency.ABSENT}
+
+
+def _states(rows: Iterable[Any]) -> dict[str, Residency]:
+    """Model -> residency from the fleet's status rows (one per replica: `name`, `state`);
+    a model is awake when any of its replicas is."""
+    states: dict[str, Residency] = {}
+    for row in rows:
+        state = _STATES.get(str(getattr(row, "state", "")))
+        name = getattr(row, "name", None) or getattr(row, "model", None)
+        if state is None or not isinstance(name, str):
+            continue
+        if states.get(name) is not Residency.AWAKE:
+            states[name] = state
+    return states
 
 
 @dataclass(frozen=True)
@@ -79,9 +94,8 @@ def policies(registry: Registry, settings: GatewaySettings, shared: bool) -> lis
             name, shared=shared and spec.managed, max_concurrency=spec.max_concurrency,
             max_queue=spec.max_queue, queue_timeout=spec.queue_timeout,
             switch_timeout=settings.activation_timeout,
-            priority=float(getattr(spec, "priority", 1.0)),
-            pinned=bool(getattr(spec, "pinned", False)),
-            quantum=getattr(spec, "quantum", None), ttl=spec.ttl if spec.managed else None,
+            priority=spec.priority, pinned=spec.pinned, quantum=spec.quantum,
+            ttl=spec.ttl if spec.managed else None,
             evicts_to=Residency.ASLEEP if spec.sleep_mode else Residency.STOPPED))
     return out
 
@@ -133,6 +147,8 @@ class Scheduler:
         rid = next(self._rids)
         actions = self.core.handle(Arrive(now, rid, route.model))
         if len(actions) == 1 and isinstance(actions[0], Admit) and actions[0].rid == rid:
+            if self.on_action is not None:
+                self.on_action(actions[0])
             self._rearm()
             return Ticket(self, rid, route.model, now)  # the fast path
         return await self._wait(rid, route.model, now, actions)
@@ -166,16 +182,7 @@ class Scheduler:
     def observe(self, statuses: Iterable[Any]) -> None:
         """The fleet's status rows (fleet.report.ModelStatus): models not in a transition the
         scheduler started take the state the fleet sees."""
-        states: dict[str, Residency] = {}
-        for row in statuses:
-            state = _STATES.get(str(getattr(row, "state", "")))
-            name = getattr(row, "model", None)
-            if state is None or name is None:
-                continue
-            # a model with several replicas is awake when any replica is
-            if states.get(name) is not Residency.AWAKE:
-                states[name] = state
-        self.apply(self.core.handle(Observed(self.clock(), states)))
+        self.apply(self.core.handle(Observed(self.clock(), _states(statuses))))
 
     async def observe_loop(self, interval: float) -> None:
         while True:
@@ -272,8 +279,14 @@ class Scheduler:
                 abandon_on_cancel=True)
         except Exception as exc:
             reason = str(exc).strip() or type(exc).__name__
-            log.warning("switch to %s failed: %s", action.target, reason)
-            event = SwitchFailed(self.clock(), action.target, reason)
+            observed = await self._fleet_states() if isinstance(exc, PlacementRefused) else {}
+            retry = any(state.holds and not self.core.models[name].state.holds
+                        for name, state in observed.items() if name in self.core.models)
+            log.warning("switch to %s failed%s: %s", action.target,
+                        " (the fleet saw other models awake: replanning)" if retry else "",
+                        reason)
+            event = SwitchFailed(self.clock(), action.target, reason, observed=observed,
+                                 retry=retry)
         else:
             timings = getattr(report, "timings", None) or {}
             total = self.clock() - started
@@ -289,6 +302,19 @@ class Scheduler:
             log.info("switched to %s in %.1f s (evict %.1f s)", action.target, total, evict)
             event = SwitchDone(self.clock(), action.target, bring_up, evicted, evict)
         self.apply(self.core.handle(event))
+
+    async def _fleet_states(self) -> dict[str, Residency]:
+        """The fleet's view, after it refused a placement: the core may have believed a model
+        asleep that is awake (before the first observation, or after `fleet switch` from the
+        host). The failure carries it to the core, which replans with it."""
+        activator = self._activator()
+        status = getattr(activator.fleet, "status", None) if activator else None
+        if status is None:
+            return {}
+        try:
+            return _states(await anyio.to_thread.run_sync(status, abandon_on_cancel=True))
+        except Exception:
+            return {}
 
     async def _sleep(self, action: PutToSleep) -> None:
         activator = self._activator()

@@ -3,23 +3,26 @@
 `FakeWorld` ties them together: containers "load" for `load_seconds` of fake time after a
 start, then answer /health; `crash` makes a model's container exit at start with log lines;
 `fail_run` makes `run` raise an engine error; `unreachable` makes every engine call raise,
-and `cut_after` makes the daemon go away part-way through an operation. Every engine and probe call is recorded in
-`world.calls` as a tuple, e.g. ("run", "vllm-fleet-a"), ("stop", "vllm-fleet-a"),
-("sleep", "a").
+and `cut_after` makes the daemon go away part-way through an operation; `missing_images`
+are not on the host, `pullable` images are served by the fake registry. Every engine and
+probe call is recorded in `world.calls` as a tuple, e.g. ("run", "vllm-fleet-a"),
+("stop", "vllm-fleet-a"), ("sleep", "a"), ("pull", IMAGE).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.engine import ContainerRecord, EngineError
-from fleet.health import HealthResult, ProbeError
+from fleet.containers import ContainerRecord
+from fleet.errors import EngineError, ImageMissing, ProbeError, PullFailed
+from fleet.health import HealthResult
 from fleet.lifecycle import Fleet
 from fleet.lock import SwitchLock
+from fleet.pull import pull_failed_message
 from fleet.registry import Registry, parse_registry
 from fleet.spec import LABEL_MANAGED, LABEL_MODEL, LABEL_REPLICA, LABEL_SPEC_HASH
 
@@ -66,6 +69,7 @@ class FakeWorld:
         self.crash: set[str] = set()  # models whose container exits right after start
         self.fail_run: dict[str, EngineError] = {}  # model -> error raised by run()
         self.missing_images: set[str] = set()  # images has_image() says are absent
+        self.pullable: set[str] = set()  # images the fake registry serves (pull() gets them)
         self.sleep_fails: set[str] = set()  # models whose POST /sleep fails
         self.unreachable: EngineError | None = None  # every engine call raises this
         self._cut: tuple[str, int, EngineError] | None = None
@@ -183,8 +187,28 @@ class FakeEngine:
         self._check()
         return image not in self.w.missing_images
 
+    def pull(self, image: str, on_event: Callable[[Mapping[str, Any]], None]) -> None:
+        """Two layers' worth of Docker's pull events, then the image is on the host; an
+        image the fake registry does not serve fails as a real unknown tag does."""
+        self._check()
+        self.w.calls.append(("pull", image))
+        if image not in self.w.pullable:
+            answer = f"manifest for {image} not found: manifest unknown: manifest unknown"
+            raise PullFailed(pull_failed_message(image, answer), image=image, answer=answer)
+        on_event({"status": f"Pulling from {image.rsplit(':', 1)[0]}", "id": "dev"})
+        for layer in ("aaa111", "bbb222"):
+            on_event({"status": "Pulling fs layer", "id": layer, "progressDetail": {}})
+            for done in (1_000_000, 2_000_000):
+                on_event({"status": "Downloading", "id": layer,
+                          "progressDetail": {"current": done, "total": 2_000_000}})
+            on_event({"status": "Pull complete", "id": layer, "progressDetail": {}})
+        on_event({"status": f"Status: Downloaded newer image for {image}"})
+        self.w.missing_images.discard(image)
+
     def run(self, run_kwargs: Mapping[str, Any]) -> ContainerRecord:
         self._check()
+        if run_kwargs["image"] in self.w.missing_images:
+            raise ImageMissing(f"image {run_kwargs['image']} not found locally")
         labels = dict(run_kwargs["labels"])
         model = labels[LABEL_MODEL]
         self.w.calls.append(("run", run_kwargs["name"]))

@@ -3,7 +3,7 @@
 Everything comes from the CPU registry `models.cpu.toml`: a model's container runs exactly the
 command, environment, mounts and shared memory that `fleet.spec.container_spec` derives for
 it (so these tests also prove that the registry and the spec start a real vLLM), pinned to
-the core `fleet.planner.assign_cpusets` gives it. Only the test's own bits differ: the name
+the core `fleet.placement.assign_cpusets` gives it. Only the test's own bits differ: the name
 `vft-<run_id>-<model>`, the label `io.vllm-fleet.test=<run_id>` (never the managed label, so
 a fleet under test does not adopt it) and a free host port on 127.0.0.1.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.planner import assign_cpusets
+from fleet.placement import assign_cpusets
 from fleet.registry import Registry, load_registry
 from fleet.spec import ContainerSpec, container_spec, resolve_host_path
 from support.docker_fixtures import (
