@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 
+from fleet.cluster import planning_node
 from fleet.errors import PlacementRefused
 from fleet.placement import check_placement
 from fleet.registry import Registry
@@ -97,7 +98,9 @@ def policies(registry: Registry, settings: GatewaySettings, shared: bool) -> lis
             switch_timeout=settings.activation_timeout,
             priority=spec.priority, pinned=spec.pinned, quantum=spec.quantum,
             ttl=spec.ttl if spec.managed else None,
-            evicts_to=Residency.ASLEEP if spec.sleep_mode else Residency.STOPPED))
+            evicts_to=Residency.ASLEEP if spec.sleep_mode else Residency.STOPPED,
+            # on a Swarm each node takes its own turns (one host: one group)
+            group=(planning_node(registry.nodes, spec) or "") if registry.swarm else ""))
     return out
 
 
