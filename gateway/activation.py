@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 import anyio
@@ -30,7 +30,10 @@ log = logging.getLogger("gateway.activation")
 class FleetPort(Protocol):
     """What the gateway needs of the fleet (fleet.api.FleetClient provides it)."""
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> object: ...
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: Collection[str] | None = None) -> object:
+        """Bring `model` up; with `evict`, the only models the fleet may evict."""
+        ...
 
     def sleep(self, model: str) -> object: ...
 

@@ -19,9 +19,12 @@ key, and the ASGI middleware that checks them before any route runs.
 - `/admin/...` needs the admin key (`GATEWAY_ADMIN_KEY` or `GATEWAY_ADMIN_KEY_FILE`, a file
   holding the key); without one configured the admin endpoints answer 403 saying how to enable
   them. The admin key also passes wherever an API key does (every model).
-- Public without a key: `GET /health`, and `/metrics` unless `GATEWAY_METRICS_PUBLIC=false`
-  (then it needs the admin key). Every other path needs an API key (when keys are
-  configured), whether or not a route exists for it: a new route is never open by accident.
+- Public without a key: `GET /health`, the dashboard's page and files (`/ui/`,
+  `/ui/static/...`; its data under `/ui/api/` is not, and its log lines need the admin key),
+  and `/metrics` unless
+  `GATEWAY_METRICS_PUBLIC=false` (then it needs the admin key). Every other path needs an
+  API key (when keys are configured), whether or not a route exists for it: a new route is
+  never open by accident.
 - The per-model allow-list is checked by the app once the model is known (`authorize`),
   before anything is forwarded.
 """
@@ -111,7 +114,9 @@ class Access:
             return PUBLIC
         if path == "/metrics":
             return PUBLIC if self.metrics_public else ADMIN
-        if path == "/admin" or path.startswith("/admin/"):
+        if path in ("/ui", "/ui/") or path.startswith("/ui/static/"):
+            return PUBLIC  # the dashboard's page and files hold no data; /ui/api/ needs a key
+        if path == "/admin" or path.startswith(("/admin/", "/ui/api/logs/")):
             return ADMIN
         return API
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import sys
 import typing
@@ -162,7 +163,9 @@ class RegistryFleetOpener:
         settings = load_settings()
         if settings.upstream_host is None and self.upstream_host is not None:
             settings = settings.model_copy(update={"upstream_host": self.upstream_host})
-        return open_fleet(self.registry, settings, busy=busy, last_used=last_used)
+        # pull and loading progress of on-demand activations go to the gateway's log
+        return open_fleet(self.registry, settings, busy=busy, last_used=last_used,
+                          progress=logging.getLogger("gateway.fleet").info)
 
     def for_registry(self, registry: Registry) -> RegistryFleetOpener:
         return RegistryFleetOpener(registry, self.upstream_host)

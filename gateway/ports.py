@@ -94,6 +94,10 @@ class AdminTarget(Protocol):
     @property
     def reloader(self) -> Reloading | None: ...
 
+    async def refresh(self) -> None:
+        """The fleet changed outside the scheduler: it reads the fleet's state again."""
+        ...
+
     def scheduler_view(self) -> dict[str, Any] | None:
         """The scheduler's snapshot (gateway/scheduler/explain.py), None under drain-wait."""
         ...

@@ -111,6 +111,11 @@ class Runtime:
             return None
         return snapshot(self.scheduler.core, self.clock())
 
+    async def refresh(self) -> None:
+        """The fleet changed outside the scheduler (an admin action): let it look again."""
+        if self.scheduler is not None:
+            await self.scheduler.refresh()
+
     def asleep(self) -> set[str]:
         """Models the gateway put to sleep (idle ttl, admin)."""
         return self.activator.asleep if self.activator is not None else set()

@@ -90,6 +90,9 @@ class GatewaySettings(BaseSettings):
         default="", description="comma-separated origins allowed by CORS, or *; empty: CORS off")
     metrics_public: bool = Field(
         default=True, description="GET /metrics without a key; false: it needs the admin key")
+    ui: Literal["loopback", "on", "off"] = Field(
+        default="loopback", description="the dashboard at /ui: loopback (only to clients on this "
+                                        "machine), on (everyone; data still behind the keys), off")
     # On-demand activation through the fleet (managed models only), idle ttl, replica probes.
     activation: bool = Field(default=True, description="wake/start models on demand via the fleet")
     activation_timeout: float = Field(default=600.0, gt=0, description="max wait for a model")

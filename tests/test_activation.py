@@ -35,7 +35,8 @@ class FakeFleet:
         self.release.set()
         self.failures: list[Exception] = []
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> None:
         self.calls.append(("ensure_awake", model))
         assert self.release.wait(10)
         if self.failures:

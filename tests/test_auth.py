@@ -148,6 +148,11 @@ def test_paths_and_levels() -> None:
     assert [access.classify(p) for p in ("/health", "/metrics", "/admin/status", "/admin",
                                          "/v1/models", "/anything", "/administrator")] == [
         "public", "public", "admin", "admin", "api", "api", "api"]
+    # the dashboard: its page and files are public, its data is not, its log lines are admin
+    assert [access.classify(p) for p in ("/ui", "/ui/", "/ui/static/dashboard.js",
+                                         "/ui/api/snapshot", "/ui/api/logs/m", "/uix",
+                                         "/ui/v1/chat/completions")] == [
+        "public", "public", "public", "api", "admin", "api", "api"]
     access.metrics_public = False
     assert access.classify("/metrics") == "admin"
     assert access.check("admin", "k").status == 403  # no admin key configured

@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 
+from fleet.cluster import planning_node
 from fleet.errors import PlacementRefused
 from fleet.placement import check_placement
 from fleet.registry import Registry
@@ -52,6 +53,7 @@ from gateway.scheduler.events import (
 )
 from gateway.scheduler.model import ModelPolicy, SchedulerConfig
 from gateway.settings import GatewaySettings
+from gateway.sleepcheck import SleepCheck
 from gateway.state import RoutingState
 
 log = logging.getLogger("gateway.scheduler")
@@ -96,7 +98,9 @@ def policies(registry: Registry, settings: GatewaySettings, shared: bool) -> lis
             switch_timeout=settings.activation_timeout,
             priority=spec.priority, pinned=spec.pinned, quantum=spec.quantum,
             ttl=spec.ttl if spec.managed else None,
-            evicts_to=Residency.ASLEEP if spec.sleep_mode else Residency.STOPPED))
+            evicts_to=Residency.ASLEEP if spec.sleep_mode else Residency.STOPPED,
+            # on a Swarm each node takes its own turns (one host: one group)
+            group=(planning_node(registry.nodes, spec) or "") if registry.swarm else ""))
     return out
 
 
@@ -140,9 +144,16 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_action: Callable[[Action], None] | None = None  # metrics, dashboards
+        self.sleep_check: SleepCheck | None = None  # set by create_app
 
     # -- the Admitter protocol ------------------------------------------------------------
     async def admit(self, state: RoutingState, route: Route) -> Ticket:
+        m = self.core.models.get(route.model)
+        if (self.sleep_check is not None and m is not None and m.policy.shared
+                and m.state is Residency.AWAKE and m.policy.evicts_to is Residency.ASLEEP
+                and await self.sleep_check.asleep(route, True)):
+            # put to sleep behind the gateway's back (vLLM would hold the request): say so
+            self.apply(self.core.handle(Observed(self.clock(), {route.model: Residency.ASLEEP})))
         now = self.clock()
         rid = next(self._rids)
         actions = self.core.handle(Arrive(now, rid, route.model))
@@ -183,6 +194,12 @@ class Scheduler:
         """The fleet's status rows (fleet.report.ModelStatus): models not in a transition the
         scheduler started take the state the fleet sees."""
         self.apply(self.core.handle(Observed(self.clock(), _states(statuses))))
+
+    async def refresh(self) -> None:
+        """Read the fleet's state now (after an admin switch, wake or sleep)."""
+        states = await self._fleet_states()
+        if states:
+            self.apply(self.core.handle(Observed(self.clock(), states)))
 
     async def observe_loop(self, interval: float) -> None:
         while True:
@@ -293,6 +310,8 @@ class Scheduler:
             evict = float(timings.get("evict", 0.0))
             bring_up = max(0.0, float(timings.get("total", total)) - evict)
             activator.asleep.discard(action.target)
+            if self.sleep_check is not None:
+                self.sleep_check.forget(action.target)
             activator.activations += 1
             evicted = {m: self.core.models[m].policy.evicts_to for m in action.evict
                        if m in self.core.models}
@@ -335,10 +354,4 @@ class Scheduler:
 def _ensure_awake(activator: Activator, model: str, timeout: float,
                   evict: tuple[str, ...]) -> object:
     """The fleet brings `model` up, evicting only `evict` (drained by the scheduler)."""
-    fleet = activator.fleet
-    try:
-        return fleet.ensure_awake(model, timeout=timeout, evict=evict)  # type: ignore[call-arg]
-    except TypeError as exc:  # a fleet port without `evict` (older clients, fakes)
-        if "evict" not in str(exc):
-            raise
-        return fleet.ensure_awake(model, timeout=timeout)
+    return activator.fleet.ensure_awake(model, timeout=timeout, evict=evict)
