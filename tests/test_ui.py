@@ -363,8 +363,9 @@ async def test_logs_need_the_admin_key(runtime: Runtime, tmp_path: Path) -> None
         assert (await client.get("/ui/api/logs/a?n=1", headers=ADMIN)).json()["lines"] == [
             f"a#0 {HOSTILE}"]
     async with client_for(app_for(GatewaySource(runtime), keys=True, tmp_path=tmp_path)) as client:
-        denied = await client.get("/ui/api/logs/a", headers=TEAM)  # as /admin/...: 401
-        assert denied.status_code == 401 and "admin key" in denied.json()["error"]["message"]
+        # As on /admin/...: a valid API key that is not the admin key is 403.
+        denied = await client.get("/ui/api/logs/a", headers=TEAM)
+        assert denied.status_code == 403 and "admin key" in denied.json()["error"]["message"]
         assert (await client.get("/ui/api/logs/a", headers=ADMIN)).status_code == 200
     async with client_for(app_for(GatewaySource(runtime), admin=False)) as client:
         off = await client.get("/ui/api/logs/a")
