@@ -241,10 +241,9 @@ async def test_models_listing_without_alias_entries() -> None:
     with respx.mock(assert_all_called=False) as mock:
         mock.get(f"{A}/health").respond(200)
         mock.get(f"{R}/health").respond(200)
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                         base_url="http://gw") as client:
-                data = (await client.get("/v1/models")).json()["data"]
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            data = (await client.get("/v1/models")).json()["data"]
     assert [m["id"] for m in data] == ["a", "r"]
 
 

@@ -140,9 +140,8 @@ async def test_the_global_budget_refuses_with_503_and_is_given_back() -> None:
 @pytest.mark.anyio
 async def test_a_client_leaving_mid_upload_is_a_499_not_a_failure() -> None:
     budget = body.BodyBudget(1000, retry_after=1)
-    with budget.hold() as hold:
-        with pytest.raises(GatewayError) as info:
-            await body.read_body(FakeRequest([b"x" * 10] * 5, disconnect_after=2), 1000, hold)
+    with budget.hold() as hold, pytest.raises(GatewayError) as info:
+        await body.read_body(FakeRequest([b"x" * 10] * 5, disconnect_after=2), 1000, hold)
     assert info.value.status == 499 and "rid-1" in info.value.message
     assert budget.held == 0
 

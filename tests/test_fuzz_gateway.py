@@ -42,7 +42,13 @@ from fleet.registry import parse_registry
 from gateway.app import MODEL_ENDPOINTS, create_app
 from gateway.settings import GatewaySettings
 from support.reliability import (
-    from_upstream, judge, parse_response, raw_exchange, read_until_closed, registry_for, wait_for,
+    from_upstream,
+    judge,
+    parse_response,
+    raw_exchange,
+    read_until_closed,
+    registry_for,
+    wait_for,
 )
 from support.sim_fixtures import SimServer, start_sim
 

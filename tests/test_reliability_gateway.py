@@ -23,6 +23,7 @@ Every wait is a poll with a deadline; the gauges measured are printed (`pytest -
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import statistics
@@ -265,10 +266,8 @@ def _chat(model: str, extra_head: bytes = b"") -> bytes:
 def _send_head_flood(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send `request` (a head of many MB) and read the answer the gateway makes meanwhile."""
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        try:
-            sock.sendall(request)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused part-way: the answer is already in the socket
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)  # refused part-way: the answer is already in the socket
         data, _ = read_until_closed(sock, 20)
     return parse_response(data)
 

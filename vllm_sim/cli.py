@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     bool_flag = argparse.BooleanOptionalAction
-    p.add_argument("--version", action="version",
-                   version=f"vllm-sim {_sim_version()} (vllm-fleet), simulating vLLM {VLLM_VERSION}")
+    p.add_argument("--version", action="version", version=f"vllm-sim {_sim_version()} "
+                   f"(vllm-fleet), simulating vLLM {VLLM_VERSION}")
     p.add_argument("model_tag", nargs="?", default=None, help="the model (same as --model)")
     p.add_argument("--model", default=None)
     p.add_argument("--served-model-name", nargs="+", default=None)
