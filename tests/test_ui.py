@@ -109,7 +109,8 @@ class FakeFleet:
     def logs(self, model: str, *, tail: int = 100, replica: int = 0) -> str:
         return "\n".join(f"{model}#{replica} {line}" for line in self.log_text.splitlines())
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> Report:
         return Report("switch", (model,), [ActionTaken("a", "stop", 0.5),
                                             ActionTaken(model, "start", 2.0)],
                       {"evict": 0.5, "start": 0.2, "healthy": 1.8, "total": 2.5}, (model,))
@@ -312,7 +313,8 @@ async def test_a_key_that_is_not_the_admin_key_sees_no_addresses_paths_or_error_
     history = SwitchHistory()
 
     class Failing(FakeFleet):
-        def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report:
+        def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> Report:
             raise RuntimeError("container vllm-fleet-a failed; see /srv/models/a")
 
     with pytest.raises(RuntimeError):
@@ -575,7 +577,8 @@ def test_recording_fleet_keeps_timings_evictions_and_errors() -> None:
         violations = (type("V", (), {"kind": "busy"})(),)
 
     class Failing(FakeFleet):
-        def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report:
+        def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> Report:
             raise Busy("a has 2 requests in flight")
 
         def wake(self, model: str) -> None:

@@ -36,7 +36,8 @@ class Fleet:
         self.lock = threading.Lock()
         self.calls: list[str] = []
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> Report:
         with self.lock:
             self.calls.append(model)
         return Report("switch", (model,), [ActionTaken("x", "sleep", 0.2),

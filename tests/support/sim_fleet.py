@@ -31,7 +31,8 @@ class SimSwitchFleet:
         self.lock = threading.Lock()
         self.calls: list[tuple[str, str]] = []
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> Report | None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> Report | None:
         with self.lock:
             self.calls.append(("ensure_awake", model))
             if model in self.sims:
