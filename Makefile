@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := REQUIRE_ALL_TIERS=1 $(PY) -m pytest
 
-.PHONY: demo demo-down test unit lint venv docker images node-image vllm-image models
+.PHONY: demo demo-down test unit lint venv docker images node-image vllm-image models browser
 
 $(VENV)/.installed: pyproject.toml
 	@echo "== python env: $(VENV) (project + test dependencies)" >&2
@@ -34,11 +34,14 @@ vllm-image: images
 models: vllm-image
 	@$(PY) scripts/make_tiny_models.py
 
+browser:
+	@bash scripts/install-browser.sh
+
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: venv lint docker images node-image vllm-image models
+test: venv lint docker images node-image vllm-image models browser
 	$(PYTEST)
 
 unit: venv

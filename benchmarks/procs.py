@@ -1,4 +1,5 @@
-"""Processes under test: start the simulator, the gateway and nginx; read their CPU and RSS.
+"""Processes under test: start the simulator, the gateway, nginx and vLLM's Rust router; read
+their CPU and RSS.
 
 CPU time and resident memory come from /proc/PID/stat and /proc/PID/status, summed over a
 process and its descendants (nginx: master and workers; uvicorn with several workers: the
@@ -234,6 +235,32 @@ class Procs:
                                     "-e", str(prefix / "logs" / "error.log")], port)
         self.wait_ok(proc, "/nginx-health")
         return proc
+
+
+    def start_router(self, upstream_url: str, binary: str) -> Proc:
+        """vLLM's Rust router (`vllm-router`, PyPI) in front of `upstream_url`: one worker,
+        round robin (the cheapest policy; the default cache_aware keeps a prefix tree per
+        request), its Prometheus listener on a free loopback port, warnings only."""
+        port = free_port()
+        proc = self.spawn("router", [binary, "--host", "127.0.0.1", "--port", str(port),
+                                     "--worker-urls", upstream_url, "--policy", "round_robin",
+                                     "--prometheus-host", "127.0.0.1",
+                                     "--prometheus-port", str(free_port()),
+                                     "--log-level", "warning"], port)
+        self.wait_ok(proc, "/health")
+        return proc
+
+
+ROUTER_INSTALL = ("python3 -m venv /tmp/router-venv && "
+                  "/tmp/router-venv/bin/pip install vllm-router==0.1.17")
+
+
+def find_router(explicit: str | None) -> str | None:
+    """The `vllm-router` launcher: `explicit`, else $VLLM_ROUTER_BIN, else on PATH."""
+    for candidate in (explicit, os.environ.get("VLLM_ROUTER_BIN"), shutil.which("vllm-router")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def ensure_nginx() -> str:

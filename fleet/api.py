@@ -184,6 +184,10 @@ class FleetClient:
         which switches, for that)."""
         return self.fleet.wake(model)
 
+    def logs(self, model: str, *, tail: int = 100, replica: int = 0) -> str:
+        """The last `tail` lines a replica of `model` printed (`docker logs`; the dashboard)."""
+        return self.fleet.logs(model, tail=tail, replica=replica)
+
     def scale(self, model: str, n: int, *, timeout: float | None = None) -> Report:
         """Start or stop replicas of `model` until `n` are awake (`Fleet.scale`): refuses
         with `PlacementRefused` when the new replicas do not fit beside what is awake (it

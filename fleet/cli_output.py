@@ -80,7 +80,8 @@ def gateway_load(url: str, err: TextIO) -> dict[tuple[str, int], dict[str, Any]]
         for rep in m.get("replicas", []):
             out[(name, rep["index"])] = {"in_flight": m["in_flight"], "queued": m["queued"],
                                          "outstanding": rep["outstanding"],
-                                         "ejected": rep["ejected"]}
+                                         "ejected": rep["ejected"],
+                                         "scheduler": m.get("scheduler") or {}}
     return out
 
 
@@ -92,5 +93,21 @@ def format_gateway_load(rows: Sequence[ModelStatus],
         if g is not None:
             lines.append(f"  {r.name} [{r.replica}]: {g['in_flight']} in flight, "
                          f"{g['queued']} queued, {g['outstanding']} outstanding"
-                         + (" (taken out)" if g["ejected"] else ""))
+                         + (" (taken out)" if g["ejected"] else "") + _scheduler_text(g))
     return "\n".join(lines)
+
+
+def _scheduler_text(g: dict[str, Any]) -> str:
+    """The gateway scheduler's word on a model: its state, oldest wait, why it drains, the
+    quantum it has left while a rival waits."""
+    s = g.get("scheduler") or {}
+    if not s:
+        return ""
+    parts = [str(s.get("state"))]
+    if s.get("oldest_wait") is not None:
+        parts.append(f"oldest waiting {s['oldest_wait']:.1f}s")
+    if s.get("quantum_left") is not None:
+        parts.append(f"quantum left {s['quantum_left']:.1f}s (`{s.get('rival')}` waits)")
+    if s.get("draining_because"):
+        parts.append(f"draining: {s['draining_because']}")
+    return "; " + ", ".join(parts)

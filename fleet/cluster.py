@@ -8,7 +8,7 @@ Pure: no Docker, no network. `fleet.registry` holds these tables on `Registry.cl
 - `[cluster]`: `engine` is `docker` (one host, the default: no table means that) or
   `swarm`; `manager` is the Docker API address of a Swarm manager (e.g.
   `tcp://10.0.0.1:2375`; default: `--docker-host` / `$DOCKER_HOST`); `gpu_mode` says how a
-  model's GPUs reach its container on a node (see `fleet.swarm.gpu_settings`); `network` an
+  model's GPUs reach its container on a node (see `fleet.swarm_spec.gpu_settings`); `network` an
   attachable overlay network the services join (with `endpoint_mode: dnsrr`, so a gateway
   inside the swarm reaches them by service name).
 - `[nodes.NAME]`: one Swarm node. `hostname` (default NAME) matches it to the Swarm node;

@@ -1,6 +1,6 @@
 """The stack file: a Swarm registry rendered for `docker stack deploy` (`fleet compose --stack`).
 
-Pure. Every service comes from the same service shape the fleet creates (`fleet.swarm.
+Pure. Every service comes from the same service shape the fleet creates (`fleet.swarm_spec.
 service_spec` over `fleet.spec`'s container specs), written in the compose file format that
 `docker stack deploy` reads (version 3.8):
 
@@ -33,7 +33,7 @@ import yaml
 
 from fleet.registry import Registry, replica_service_name
 from fleet.spec import DEFAULT_NAME_PREFIX, docker_run_kwargs, replica_specs
-from fleet.swarm import service_spec
+from fleet.swarm_spec import service_spec
 
 STACK_VERSION = "3.8"
 

@@ -16,11 +16,12 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 import anyio
 
+from fleet.errors import ModelsBusy
 from gateway import errors
 
 log = logging.getLogger("gateway.activation")
@@ -29,7 +30,10 @@ log = logging.getLogger("gateway.activation")
 class FleetPort(Protocol):
     """What the gateway needs of the fleet (fleet.api.FleetClient provides it)."""
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> object: ...
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: Collection[str] | None = None) -> object:
+        """Bring `model` up; with `evict`, the only models the fleet may evict."""
+        ...
 
     def sleep(self, model: str) -> object: ...
 
@@ -77,15 +81,15 @@ class Activator:
                 return
             except Exception as exc:  # the fleet's errors carry the reason to show
                 reason = str(exc).strip() or type(exc).__name__
-                busy = any(getattr(v, "kind", "") == "busy"
-                           for v in getattr(exc, "violations", ()))
-                if busy and self.clock() + self.drain_poll < deadline:
+                if isinstance(exc, ModelsBusy) and self.clock() + self.drain_poll < deadline:
                     await asyncio.sleep(self.drain_poll)  # let the models in the way drain
                     continue
                 log.warning("activation of %s failed: %s", model, reason)
-                raise errors.GatewayError(
-                    503, f"Model `{model}` is not awake and could not be activated within "
-                         f"{self.timeout:g} s: {reason}", retry_after=self.retry_after) from None
+                kind = ("the models in its way are busy" if isinstance(exc, ModelsBusy) else
+                        "the fleet's planner refused it" if getattr(exc, "violations", None)
+                        else None)
+                raise errors.activation_failed(model, self.timeout, reason, self.retry_after,
+                                               kind) from None
 
     async def put_to_sleep(self, model: str) -> None:
         await anyio.to_thread.run_sync(lambda: self.fleet.sleep(model))

@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.routing import Route as StarletteRoute
 
+from fleet.errors import PlacementRefused
 from fleet.registry import RegistryError
 from gateway import errors
 from gateway.activation import Activator
@@ -96,10 +97,15 @@ class Admin:
                     "last_error": inst.last_error or None,
                 } for inst in state.instances[name]],
             }
+        view = gw.scheduler_view()
+        if view is not None:  # each model's place in the time-sharing, beside its figures
+            for name, entry in models.items():
+                entry["scheduler"] = view["models"].get(name)
         body: dict[str, Any] = {
             "registry": {"source": state.registry.source, "models": len(models)},
             "activation": activator is not None,
             "models": models,
+            "scheduler": view and {k: v for k, v in view.items() if k != "models"},
             "fleet": None,
         }
         if activator is not None and request.query_params.get("fleet", "true") != "false":
@@ -124,6 +130,7 @@ class Admin:
         route, activator = self._managed(request)
         started = time.perf_counter()
         await activator.activate(route.model)  # 503 with the reason when it cannot
+        await self.gw.refresh()
         return self._done(request, "switch", route.model, started)
 
     async def wake(self, request: Request) -> Response:
@@ -135,6 +142,7 @@ class Admin:
         else:
             await self._fleet_call(wake, route.model, "wake")
             activator.asleep.discard(route.model)
+        await self.gw.refresh()
         return self._done(request, "wake", route.model, started)
 
     async def sleep(self, request: Request) -> Response:
@@ -151,6 +159,7 @@ class Admin:
             await activator.put_to_sleep(route.model)
         except Exception as exc:
             raise _fleet_error(route.model, "sleep", exc) from None
+        await self.gw.refresh()
         return self._done(request, "sleep", route.model, started)
 
     async def reload(self, request: Request) -> Response:
@@ -208,7 +217,7 @@ def _reason(exc: BaseException) -> str:
 def _fleet_error(model: str, action: str, exc: Exception) -> errors.GatewayError:
     if isinstance(exc, errors.GatewayError):
         return exc
-    if getattr(exc, "violations", None):
+    if isinstance(exc, PlacementRefused):
         return errors.GatewayError(409, f"The fleet refused to {action} `{model}`: "
                                         f"{_reason(exc)}", err_type="ConflictError")
     return errors.GatewayError(503, f"The fleet could not {action} `{model}`: {_reason(exc)}")

@@ -11,15 +11,13 @@ replica failed to connect: one activation, then the replicas are tried again.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-
-import httpx
 
 from gateway.limits import Admission
 from gateway.ports import Ticket
 from gateway.routing import Route
 from gateway.runtime import Runtime
+from gateway.sleepcheck import SleepCheck
 from gateway.state import RoutingState
 
 
@@ -35,7 +33,7 @@ class FleetAdmitter:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._sleep_seen: dict[str, tuple[float, bool]] = {}  # model -> (checked at, asleep)
+        self.sleep = SleepCheck(runtime.upstreams, runtime.settings, runtime.clock)
 
     async def admit(self, state: RoutingState, route: Route) -> Ticket:
         admission = state.admission[route.model]
@@ -43,10 +41,12 @@ class FleetAdmitter:
         await admission.acquire()
         try:
             activator = self.runtime.activator
+            spec = state.registry.models.get(route.model)
             if activator is not None and route.managed and (
-                    route.model in activator.asleep or await self._engine_asleep(state, route)):
+                    route.model in activator.asleep or await self.sleep.asleep(
+                        route, spec is not None and spec.sleep_mode)):
                 await activator.activate(route.model)
-                self._sleep_seen[route.model] = (self.runtime.clock(), False)
+                self.sleep.forget(route.model)
         except BaseException:
             admission.release()
             raise
@@ -58,28 +58,3 @@ class FleetAdmitter:
             return None
         await activator.activate(route.model)
         return ticket
-
-    async def _engine_asleep(self, state: RoutingState, route: Route) -> bool:
-        """Whether a sleep-mode model's engine sleeps (cached per model for
-        `sleep_check_interval`); a replica that does not answer counts as awake."""
-        spec = state.registry.models.get(route.model)
-        if spec is None or not spec.sleep_mode:
-            return False
-        settings, now = self.runtime.settings, self.runtime.clock()
-        checked, asleep = self._sleep_seen.get(route.model, (float("-inf"), False))
-        if now - checked < settings.sleep_check_interval:
-            return asleep
-        client = self.runtime.upstreams.client(route.replicas[0])
-        request = client.build_request("GET", "/is_sleeping",
-                                       timeout=httpx.Timeout(settings.health_timeout))
-        try:
-            resp = await client.send(request, stream=True)
-            try:
-                body = await resp.aread()
-            finally:
-                await resp.aclose()
-            asleep = resp.status_code == 200 and json.loads(body).get("is_sleeping") is True
-        except (httpx.HTTPError, ValueError, AttributeError):
-            asleep = False  # not answering: the request path finds out and reacts
-        self._sleep_seen[route.model] = (now, asleep)
-        return asleep

@@ -7,6 +7,7 @@
 - `gateway.listing`: `/health`, `/metrics`, `/v1/models`, `/v1/models/{id}`;
 - `gateway.admin`: the admin endpoints; `gateway.reload`: hot reload of the registry;
 - `gateway.background`: the probe loop, idle ttl, autoscaling, SIGHUP;
+- `gateway.ui`: the dashboard at /ui (its page, its data from the runtime, switch history);
 - `gateway.middleware`: request ids, metering of rejected requests, access lines, errors in
   vLLM's shape (`gateway.errors`); `gateway.auth`: access keys and per-model allow-lists.
 """
@@ -23,18 +24,22 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route as StarletteRoute
 
 from fleet.registry import Registry, load_registry_from_env
-from gateway import auth
+from gateway import auth, ui
 from gateway.admin import Admin
 from gateway.admit import FleetAdmitter
 from gateway.background import Background
+from gateway.fastpath import GatewayApp
 from gateway.listing import Listing
 from gateway.middleware import AccessMeter, RequestIdMiddleware, error_handlers
 from gateway.ports import Admitter, FleetOpener
 from gateway.proxy import MODEL_ENDPOINTS, Proxy
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
+from gateway.scheduler.metrics import SchedulerMetrics
 from gateway.scheduler.runtime import Scheduler
 from gateway.settings import GatewaySettings
+from gateway.sleepcheck import SleepCheck
+from gateway.ui import GatewaySource, RecordingOpener, SwitchHistory
 from gateway.upstream import TransportFactory
 
 __all__ = ["MODEL_ENDPOINTS", "create_app"]
@@ -61,6 +66,9 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     warning = auth.exposure_warning(settings, access)
     if warning:
         log.warning(warning)
+    switches = SwitchHistory()  # the dashboard's record of the fleet's switches
+    if fleet_opener is not None and settings.ui != "off":
+        fleet_opener = RecordingOpener(fleet_opener, switches)
     runtime = Runtime(registry, settings, transport_factory, fleet_opener, access=access)
     runtime.reloader = Reloader(runtime, registry_loader or functools.partial(
         load_registry_from_env, settings.registry))
@@ -69,6 +77,9 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     if settings.scheduler == "fair":
         scheduler = Scheduler(settings, runtime.state, lambda: runtime.activator, runtime.clock)
         runtime.use_scheduler(scheduler)
+        scheduler.sleep_check = SleepCheck(runtime.upstreams, settings, runtime.clock)
+        scheduler.on_action = SchedulerMetrics(runtime.metrics.registry, lambda: scheduler.core,
+                                               runtime.clock).on_action
         admitter = scheduler
     else:
         admitter = FleetAdmitter(runtime)
@@ -83,6 +94,7 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
         StarletteRoute("/v1/models/{model_id:path}", plain(listing.get_model), methods=["GET"]),
         StarletteRoute("/v1/infer", proxy.infer, methods=["POST"]),
         *Admin(runtime).routes(wrap=plain),
+        *ui.routes(GatewaySource(runtime, switches), access, settings, wrap=plain),
         *(StarletteRoute(p, proxy.by_body, methods=["POST"]) for p in MODEL_ENDPOINTS),
         StarletteRoute("/{model}/{rest:path}", proxy.by_prefix, methods=["GET", "POST"]),
     ]
@@ -95,7 +107,7 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
         finally:
             await runtime.upstreams.aclose()
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=error_handlers(meter))
+    app = GatewayApp(routes=routes, lifespan=lifespan, exception_handlers=error_handlers(meter))
     app.router.redirect_slashes = False  # a redirect would expose routes to path tricks
     # Outermost last: CORS (answers preflights, decorates every answer) > request id > keys.
     app.add_middleware(auth.AccessMiddleware, access=access, on_reject=meter.rejected)
@@ -104,5 +116,8 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id"])
+    else:  # POST to a model endpoint: the same middlewares, without Starlette's stack
+        app.lean(MODEL_ENDPOINTS, proxy.by_body, lambda endpoint: RequestIdMiddleware(
+            auth.AccessMiddleware(endpoint, access=access, on_reject=meter.rejected)))
     app.state.gateway = runtime
     return app

@@ -19,9 +19,12 @@ key, and the ASGI middleware that checks them before any route runs.
 - `/admin/...` needs the admin key (`GATEWAY_ADMIN_KEY` or `GATEWAY_ADMIN_KEY_FILE`, a file
   holding the key); without one configured the admin endpoints answer 403 saying how to enable
   them. The admin key also passes wherever an API key does (every model).
-- Public without a key: `GET /health`, and `/metrics` unless `GATEWAY_METRICS_PUBLIC=false`
-  (then it needs the admin key). Every other path needs an API key (when keys are
-  configured), whether or not a route exists for it: a new route is never open by accident.
+- Public without a key: `GET /health`, the dashboard's page and files (`/ui/`,
+  `/ui/static/...`; its data under `/ui/api/` is not, and its log lines need the admin key),
+  and `/metrics` unless
+  `GATEWAY_METRICS_PUBLIC=false` (then it needs the admin key). Every other path needs an
+  API key (when keys are configured), whether or not a route exists for it: a new route is
+  never open by accident.
 - The per-model allow-list is checked by the app once the model is known (`authorize`),
   before anything is forwarded.
 """
@@ -40,6 +43,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fleet.registry import Registry
 from gateway import errors
 from gateway.settings import GatewaySettings
 
@@ -110,7 +114,9 @@ class Access:
             return PUBLIC
         if path == "/metrics":
             return PUBLIC if self.metrics_public else ADMIN
-        if path == "/admin" or path.startswith("/admin/"):
+        if path in ("/ui", "/ui/") or path.startswith("/ui/static/"):
+            return PUBLIC  # the dashboard's page and files hold no data; /ui/api/ needs a key
+        if path == "/admin" or path.startswith(("/admin/", "/ui/api/logs/")):
             return ADMIN
         return API
 
@@ -125,7 +131,14 @@ class Access:
             if not presented:
                 return _unauthorized("The admin endpoints need the admin key: send "
                                      "`Authorization: Bearer <admin key>`.")
-            return self.admin.match(presented) or _unauthorized("The admin key is not valid.")
+            admin = self.admin.match(presented)
+            if admin is not None:
+                return admin
+            if self.api.match(presented) is not None:  # who it is is known: not allowed
+                return errors.GatewayError(
+                    403, "This API key may not use the admin endpoints; they need the admin "
+                         "key (GATEWAY_ADMIN_KEY).")
+            return _unauthorized("The admin key is not valid.")
         if self.open:
             return None
         if not presented:
@@ -148,6 +161,15 @@ def authorize(principal: Principal | None, model: str, aliases: Iterable[str]) -
 
 
 # -- loading ------------------------------------------------------------------------------
+
+
+def visible_names(principal: Principal | None, registry: Registry) -> list[str]:
+    """The model names and aliases `principal` may use (all of them when the gateway is open
+    or the key has no allow-list): what an unknown-model error may list to that caller."""
+    if principal is None or principal.models is None:
+        return list(registry.alias_table())
+    return [name for name, spec in registry.alias_table().items()
+            if principal.may_use(spec.name, spec.aliases)]
 
 
 def load_access(settings: GatewaySettings) -> Access:

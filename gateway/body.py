@@ -1,7 +1,15 @@
-"""Finding (and, where the upstream needs it, setting) the `model` of a request body.
+"""Reading request bodies, and finding (and, where the upstream needs it, setting) their
+`model`.
+
+Bodies are read whole (`read_body`) within two limits: one body's size (413) and the bytes
+all requests hold at once (`BodyBudget`, 503 with Retry-After), so many large bodies under
+the first limit cannot exhaust memory together. A client that leaves mid-upload ends its
+request as 499 (client closed request), not as a gateway failure.
 
 JSON bodies are parsed once (orjson when available); multipart bodies (audio transcription
-and translation) are scanned for the `model` form field without decoding the file parts.
+and translation) are scanned for the `model` form field without decoding the file parts; a
+form with more than one `model` field is refused (the gateway would route by one and vLLM
+read another).
 """
 
 from __future__ import annotations
@@ -9,7 +17,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
+
+from starlette.requests import ClientDisconnect, Request
 
 from gateway import errors
 
@@ -41,6 +51,71 @@ except ImportError:  # pragma: no cover - exercised without orjson (or with an u
 _BOUNDARY_RE = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _NAME_MODEL_RE = re.compile(rb'content-disposition:[^\r\n]*;\s*name="?model"?(?:[;\s\r]|$)',
                             re.IGNORECASE)
+
+
+class BodyBudget:
+    """The request body bytes held at once across all requests, against `limit`."""
+
+    __slots__ = ("held", "limit", "retry_after")
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        self.limit = limit
+        self.retry_after = retry_after
+        self.held = 0
+
+    def hold(self) -> Hold:
+        """One request's share: `with budget.hold() as hold:` gives it back on exit."""
+        return Hold(self)
+
+
+class Hold:
+    __slots__ = ("budget", "size")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.size = 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.budget.held -= self.size
+        self.size = 0
+
+    def take(self, size: int) -> None:
+        budget = self.budget
+        if budget.held + size > budget.limit:
+            raise errors.buffers_full(budget.limit, budget.retry_after)
+        budget.held += size
+        self.size += size
+
+
+async def read_body(request: Request, limit: int, hold: Hold | None = None) -> bytes:
+    """The whole body: 413 beyond `limit` bytes, 503 when `hold`'s budget is spent (a
+    declared length is taken whole before anything is read; a chunked body as it arrives),
+    499 when the client leaves mid-upload."""
+    declared = request.headers.get("content-length")
+    counted = hold  # chunked: each chunk is taken from the budget as it arrives
+    if declared is not None and declared.isdigit():
+        size = int(declared)
+        if size > limit:
+            raise errors.body_too_large(limit)
+        if hold is not None:
+            hold.take(size)  # the server's parser delivers no more than the declared length
+            counted = None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise errors.body_too_large(limit)
+            if counted is not None:
+                counted.take(len(chunk))
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise errors.upload_abandoned(getattr(request.state, "request_id", "-")) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 @dataclass(slots=True)
@@ -101,6 +176,7 @@ def _parse_multipart(body: bytes, content_type: str) -> ParsedBody:
     if delimiter not in body:
         raise errors.invalid_multipart("the body does not contain the declared boundary")
     pos = body.find(delimiter)
+    found: ParsedBody | None = None
     while pos != -1:
         head_start = pos + len(delimiter)
         if body[head_start:head_start + 2] == b"--":
@@ -112,11 +188,14 @@ def _parse_multipart(body: bytes, content_type: str) -> ParsedBody:
         if next_pos == -1:
             raise errors.invalid_multipart("a part is not terminated by the boundary")
         if _NAME_MODEL_RE.search(body[head_start:head_end + 2]):
+            if found is not None:  # vLLM reads the last, the gateway would route by the first
+                raise errors.invalid_multipart("the form has more than one `model` field; "
+                                               "send exactly one")
             start, end = head_end + 4, next_pos
             try:
                 model = body[start:end].decode("utf-8").strip()
             except UnicodeDecodeError:
                 raise errors.invalid_multipart("the model field is not UTF-8") from None
-            return ParsedBody("multipart", model or None, boundary=boundary, span=(start, end))
+            found = ParsedBody("multipart", model or None, boundary=boundary, span=(start, end))
         pos = next_pos + 2
-    return ParsedBody("multipart", None, boundary=boundary)
+    return found or ParsedBody("multipart", None, boundary=boundary)

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
+from gateway import auth, errors
 from gateway import body as bodies
-from gateway import errors
 from gateway.ports import Forwarder
 from gateway.relay import UpstreamBroken
 
@@ -82,23 +82,26 @@ def answer(status: int, content: bytes, model_id: str, model: str) -> tuple[int,
             result = {"text": choice["text"], "model_id": model_id,
                       "finish_reason": choice.get("finish_reason")}
         except (TypeError, KeyError, IndexError):
-            raise errors.GatewayError(502, f"Model `{model}` answered 200 with a body that is "
-                                           f"not a completion.") from None
+            raise errors.upstream_bad_answer(model, 200, "not a completion: " +
+                                             content[:200].decode("utf-8", "replace")) from None
         return 200, json.dumps(result, ensure_ascii=False).encode()
     if isinstance(data, dict) and "error" in data:
         return status, content  # vLLM's error, unchanged
-    snippet = content[:200].decode("utf-8", "replace")
-    raise errors.GatewayError(status if status >= 400 else 502,
-                              f"Model `{model}` answered {status}: {snippet}")
+    raise errors.upstream_bad_answer(model, status, content[:200].decode("utf-8", "replace"))
 
 
 async def infer(proxy: Forwarder, request: Request) -> Response:
-    payload = await proxy.read_body(request)
+    with proxy.budget.hold() as hold:  # the body's bytes count until it has been sent
+        return await _infer(proxy, request, await proxy.read_body(request, hold))
+
+
+async def _infer(proxy: Forwarder, request: Request, payload: bytes) -> Response:
     model_id, text, params = parse_request(payload)
     state = proxy.state
     route = state.table.resolve(model_id)
     if route is None:
-        raise errors.unknown_model(model_id, state.table.names())
+        principal = getattr(request.state, "principal", None)
+        raise errors.unknown_model(model_id, auth.visible_names(principal, state.registry))
     body = json.dumps(completion_body(route.upstream_model, text, params),
                       ensure_ascii=False).encode()
     scope = dict(request.scope)  # same state (request id, principal), own headers
@@ -109,8 +112,8 @@ async def infer(proxy: Forwarder, request: Request) -> Response:
     try:
         status, content = await _collect(response, inner)
     except UpstreamBroken as exc:
-        raise errors.GatewayError(502, f"The answer of model `{route.model}` broke off "
-                                       f"({exc}); retry the request.") from None
+        raise errors.GatewayError(502, f"The answer of model `{route.model}` broke off; retry "
+                                       f"the request.", internal=str(exc)) from None
     status, out = answer(status, content, model_id, route.model)
     return Response(out, status_code=status, media_type="application/json",
                     headers={"x-request-id": getattr(request.state, "request_id", "-")})

@@ -27,10 +27,16 @@ class Admission:
         self.in_flight = 0
         self.last_used = clock()
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._since: dict[asyncio.Future[None], float] = {}  # waiter -> when it queued
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    def oldest_wait(self) -> float | None:
+        """Seconds the longest-waiting queued request has waited (None: nobody waits)."""
+        # FIFO: the first entry (insertion order) is the oldest.
+        return self.clock() - next(iter(self._since.values())) if self._since else None
 
     async def acquire(self) -> None:
         """Take a slot, waiting in the queue if needed; GatewayError 429 when it is full or
@@ -47,6 +53,7 @@ class Admission:
                 retry_after=max(1, round(self.queue_timeout / 4)))
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._since[waiter] = self.clock()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout)
         except TimeoutError:
@@ -65,6 +72,7 @@ class Admission:
                 waiter.cancel()
             raise
         finally:
+            self._since.pop(waiter, None)
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 

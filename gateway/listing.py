@@ -5,7 +5,9 @@ A model card is vLLM's (`id`, `object`, `created`, `owned_by`, `root`, `parent`,
 `max_model_len`) plus the gateway's figures: aliases, description, tags, whether the fleet
 manages it, replicas, `state` (`ready`: a replica's /health answers 200; `unhealthy`: one
 answers, none 200; `unreachable`) and the in-flight and queued requests. A listing shows only
-the models the caller's key may use; it works with the routing state it started with.
+the models the caller's key may use; it works with the routing state it started with. With
+`list_aliases` (the default) each alias follows its model as an entry of its own (the
+model's card with `id` the alias and `alias_of` the model), so chat UIs offer it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ class Listing:
         routes = [r for r in state.table.routes.values()
                   if principal is None or principal.may_use(r.model, state.aliases(r.model))]
         health = await asyncio.gather(*(self.probe(r) for r in routes))
-        data = [self._card(state, r, h) for r, h in zip(routes, health, strict=True)]
+        data = []
+        aliases = self.runtime.settings.list_aliases
+        for route, state_of in zip(routes, health, strict=True):
+            card = self._card(state, route, state_of)
+            data.append(card)
+            if aliases:  # each alias an entry of its own: chat UIs' model pickers list ids
+                data += [{**card, "id": alias, "alias_of": route.model}
+                         for alias in card["aliases"]]
         return json_response(request, {"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
@@ -52,7 +61,8 @@ class Listing:
         state = self.runtime.state
         route = state.table.resolve(requested)
         if route is None:
-            raise errors.unknown_model(requested, state.table.names())
+            principal = getattr(request.state, "principal", None)
+            raise errors.unknown_model(requested, auth.visible_names(principal, state.registry))
         auth.authorize(getattr(request.state, "principal", None), route.model,
                        state.aliases(route.model))
         return json_response(request, self._card(state, route, await self.probe(route)))
@@ -63,20 +73,21 @@ class Listing:
         return await self._health(base_url) == "ready"
 
     async def probe(self, route: Route) -> str:
-        """`ready` (a replica's /health is 200), `unhealthy` (answers, not 200), `unreachable`."""
-        results = []
-        for url in route.replicas:
-            result = await self._health(url)
-            if result == "ready":
-                return result
-            results.append(result)
+        """`ready` (a replica's /health is 200), `unhealthy` (answers, not 200), `unreachable`.
+        The replicas are asked at once: one `health_timeout` at most, however many."""
+        results = await asyncio.gather(*(self._health(url) for url in route.replicas))
+        if "ready" in results:
+            return "ready"
         return "unhealthy" if "unhealthy" in results else "unreachable"
 
     async def _health(self, base_url: str) -> str:
+        """One probe, within `health_timeout` whatever the upstream or the client does."""
         client = self.runtime.upstreams.client(base_url)
+        limit = self.runtime.settings.health_timeout
         try:
-            resp = await client.get("/health", timeout=self.runtime.settings.health_timeout)
-        except httpx.HTTPError:
+            async with asyncio.timeout(limit):
+                resp = await client.get("/health", timeout=limit)
+        except (httpx.HTTPError, TimeoutError):
             return "unreachable"
         return "ready" if resp.status_code == 200 else "unhealthy"
 

@@ -30,7 +30,7 @@ Series (all prefixed `gateway_`):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
@@ -42,6 +42,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from fleet.errors import ModelsBusy
 from gateway.balancer import Balancer, Instance
 
 if TYPE_CHECKING:
@@ -110,6 +111,9 @@ class GatewayMetrics:
                               ["model"], registry=r)
         self.reloads = Counter("gateway_reloads", "Registry reloads by outcome", ["outcome"],
                                registry=r)
+        self.abandoned = Counter("gateway_abandoned_requests",
+                                 "Requests whose client left before the answer started (499)",
+                                 ["model"], registry=r)
         self._requests: dict[tuple[str, int], Any] = {}
         self._durations: dict[str, Any] = {}
         self._ttfts: dict[str, Any] = {}
@@ -123,6 +127,8 @@ class GatewayMetrics:
         if child is None:
             child = self._requests[key] = self.requests.labels(model, str(status))
         child.inc()
+        if status == 499:
+            self.abandoned.labels(model).inc()
         hist = self._durations.get(model)
         if hist is None:
             hist = self._durations[model] = self.duration.labels(model)
@@ -210,12 +216,16 @@ class MeteredFleet:
         self.fleet = fleet
         self.metrics = metrics
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> object:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: Collection[str] | None = None) -> object:
         started = time.perf_counter()
         try:
-            report = self.fleet.ensure_awake(model, timeout=timeout)
+            if evict is None:
+                report = self.fleet.ensure_awake(model, timeout=timeout)
+            else:  # the scheduler drained exactly these
+                report = self.fleet.ensure_awake(model, timeout=timeout, evict=evict)
         except Exception as exc:
-            busy = any(getattr(v, "kind", "") == "busy" for v in getattr(exc, "violations", ()))
+            busy = isinstance(exc, ModelsBusy)
             self.metrics.activation(model, "busy" if busy else "failed",
                                     time.perf_counter() - started)
             raise

@@ -104,7 +104,8 @@ def error_handlers(meter: AccessMeter) -> Mapping[Any, ErrorHandler]:
     async def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.GatewayError)
         meter.rejected(request.scope, exc.status)
-        return exc.response({"x-request-id": request_id(request)})
+        rid = request_id(request)  # internal details go to the log under it, not to the caller
+        return exc.for_request(rid).response({"x-request-id": rid})
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from fleet.registry import Registry
 from gateway.activation import Activator, FleetPort
 from gateway.balancer import Balancer
+from gateway.body import BodyBudget, Hold
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Route
 from gateway.state import RoutingState
@@ -59,10 +60,12 @@ class Admitter(Protocol):
 class Forwarder(Protocol):
     """The request path, as `POST /v1/infer` (gateway/compat.py) uses it."""
 
+    budget: BodyBudget  # request body bytes held at once, across all requests
+
     @property
     def state(self) -> RoutingState: ...
 
-    async def read_body(self, request: Request) -> bytes: ...
+    async def read_body(self, request: Request, hold: Hold | None = None) -> bytes: ...
 
     async def send(self, request: Request, state: RoutingState, route: Route, method: str,
                    path: str, payload: bytes) -> Response: ...
@@ -90,6 +93,14 @@ class AdminTarget(Protocol):
 
     @property
     def reloader(self) -> Reloading | None: ...
+
+    async def refresh(self) -> None:
+        """The fleet changed outside the scheduler: it reads the fleet's state again."""
+        ...
+
+    def scheduler_view(self) -> dict[str, Any] | None:
+        """The scheduler's snapshot (gateway/scheduler/explain.py), None under drain-wait."""
+        ...
 
 
 class ReloadTarget(Protocol):

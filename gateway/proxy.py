@@ -62,6 +62,8 @@ class Proxy:
         self.settings = runtime.settings
         self.metrics = runtime.metrics
         self.admitter = admitter
+        self.budget = bodies.BodyBudget(self.settings.max_buffered_bytes,
+                                        self.settings.retry_after)
 
     @property
     def state(self) -> RoutingState:
@@ -84,7 +86,7 @@ class Proxy:
         if route is None:
             if not known_path or requested in ("v1", "v2"):
                 raise errors.not_found(request.url.path)
-            raise errors.unknown_model(requested, state.table.names())
+            raise unknown_model(request, state, requested)
         if request.method == "POST" and path in MODEL_ENDPOINTS:
             return await self._forward(request, path, prefix=requested)
         if request.method == "GET" and path in INSTANCE_GET_ENDPOINTS:
@@ -98,36 +100,32 @@ class Proxy:
         return await compat.infer(self, request)
 
     # -- the request path -----------------------------------------------------------------
-    async def read_body(self, request: Request) -> bytes:
-        """The whole body; GatewayError 413 past `max_body_bytes` (declared or read)."""
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise errors.body_too_large(limit)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise errors.body_too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+    async def read_body(self, request: Request, hold: bodies.Hold | None = None) -> bytes:
+        """The whole body: 413 past `max_body_bytes` (declared or read); 503 when the bytes
+        all requests hold would pass `max_buffered_bytes` (`hold`, from `self.budget`, keeps
+        this body's share until it is given back); 499 when the client leaves mid-upload."""
+        return await bodies.read_body(request, self.settings.max_body_bytes, hold)
 
     async def _forward(self, request: Request, path: str, prefix: str | None) -> Response:
         """A model endpoint: the model from the body and/or the /{prefix}/ (they must agree);
         the body's `model` rewritten to what the upstream expects."""
-        payload = await self.read_body(request)
+        with self.budget.hold() as hold:  # the body's bytes count until it has been sent
+            payload = await self.read_body(request, hold)
+            return await self._route(request, path, prefix, payload)
+
+    async def _route(self, request: Request, path: str, prefix: str | None,
+                     payload: bytes) -> Response:
         parsed = bodies.parse(payload, request.headers.get("content-type", ""))
         state = self.runtime.state
         route = None
         if prefix is not None:
             route = state.table.resolve(prefix)
             if route is None:  # a reload removed it while the body was read
-                raise errors.unknown_model(prefix, state.table.names())
+                raise unknown_model(request, state, prefix)
         if parsed.model is not None:
             by_body = state.table.resolve(parsed.model)
             if by_body is None:
-                raise errors.unknown_model(parsed.model, state.table.names())
+                raise unknown_model(request, state, parsed.model)
             if route is None:
                 route = by_body
             elif by_body is not route:
@@ -222,7 +220,7 @@ class Proxy:
             except httpx.HTTPError as exc:
                 inst.outstanding -= 1
                 self.metrics.upstream_error(route.model, type(exc).__name__)
-                failure = map_failure(exc, route.model, inst.base_url, self.settings)
+                failure = map_failure(exc, route.model, inst.base_url, self.settings, timeout)
                 if not isinstance(exc, _RETRYABLE):
                     raise failure from None
                 balancer.eject(inst, failure.message)
@@ -260,6 +258,12 @@ class Proxy:
 
     def _first_chunk(self, model: str, started: float) -> None:
         self.metrics.first_chunk(model, time.perf_counter() - started)
+
+
+def unknown_model(request: Request, state: RoutingState, requested: str) -> errors.GatewayError:
+    """404 for `requested`, listing only the names the caller's key may use."""
+    principal = getattr(request.state, "principal", None)
+    return errors.unknown_model(requested, auth.visible_names(principal, state.registry))
 
 
 def _decrement(inst: Instance) -> None:

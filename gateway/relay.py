@@ -6,12 +6,25 @@ A watcher task waits for the client's `http.disconnect` while the pump runs; a d
 cancels the pump, the pump's end stops the watcher, and the upstream response is closed at
 once either way, so vLLM aborts a generation nobody is reading. (Plain asyncio tasks: an anyio
 task group per request cost about a tenth of the gateway's CPU per streamed request.)
+
+Deadlines the gateway owns (an HTTP client's parser may wait forever: aiohttp's C parser never
+raises on a broken chunk size): when the upstream response carries `read_timeout`, one timer
+per response checks that a read arrived within that many seconds of the previous one, and
+`total_deadline` (loop time) bounds the whole body. Per chunk the pump only stores the loop's
+clock; the timer is re-armed once per `read_timeout`, not per chunk. A deadline that passes
+cancels the pump, closes the upstream, and ends the answer like a broken upstream: an error
+event on an event stream, a dropped connection otherwise (a truncated body must not look
+complete).
+
+Per chunk, with an upstream that offers `readany()` (the aiohttp client): one read, one
+`send` of a prebuilt-shape message, one clock read. Other clients go through `aiter_raw()`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 from starlette.responses import Response
@@ -21,28 +34,44 @@ from gateway import errors
 from gateway.upstream import UpstreamResponse
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the ASGI server sets itself.
-_DROP = {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
-         b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"date", b"server"}
+_DROP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer",
+                   b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+                   b"proxy-connection", b"date", b"server"))
+_EVENT_STREAM_EXTRA = ((b"x-accel-buffering", b"no"),)
+_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 class RelayResponse(Response):
-    """An ASGI response that streams an already opened upstream response."""
+    """An ASGI response that streams an already opened upstream response (httpx's,
+    `gateway.upstream.AiohttpResponse` or `gateway.h1.H1Response`)."""
 
     def __init__(self, upstream: UpstreamResponse, model: str, request_id: str,
                  retry_after: int) -> None:
         self.upstream = upstream
         self.model = model
+        self.request_id = request_id
         self.status_code = upstream.status_code
-        headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in _DROP]
-        present = {k for k, _ in headers}
-        content_type = upstream.headers.get("content-type") or ""
-        self.is_event_stream = content_type.startswith("text/event-stream")
+        headers = []
+        content_type = b""
+        present_cache = present_retry = False
+        for k, v in upstream.headers.raw:
+            k = k.lower()
+            if k in _DROP:
+                continue
+            if k == b"content-type":
+                content_type = v
+            elif k == b"cache-control":
+                present_cache = True
+            elif k == b"retry-after":
+                present_retry = True
+            headers.append((k, v))
+        self.is_event_stream = content_type.startswith(b"text/event-stream")
         if self.is_event_stream:
             # Stop intermediaries (nginx, CDNs) from buffering the stream.
-            if b"cache-control" not in present:
+            if not present_cache:
                 headers.append((b"cache-control", b"no-cache"))
-            headers.append((b"x-accel-buffering", b"no"))
-        if upstream.status_code == 503 and b"retry-after" not in present:
+            headers.extend(_EVENT_STREAM_EXTRA)
+        if upstream.status_code == 503 and not present_retry:
             headers.append((b"retry-after", str(retry_after).encode()))
         headers.append((b"x-request-id", request_id.encode()))
         self.raw_headers = headers
@@ -55,57 +84,160 @@ class RelayResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.current_task()
         assert pump is not None
-        state = _WatchState()
-        watcher = asyncio.get_running_loop().create_task(_watch(receive, pump, state))
+        loop = asyncio.get_running_loop()
+        state = _WatchState(loop)
+        watcher = loop.create_task(_watch(receive, pump, state))
+        read_timeout: float | None = getattr(self.upstream, "read_timeout", None)
+        total: float | None = getattr(self.upstream, "total_deadline", None)
+        if read_timeout is not None or total is not None:
+            state.arm(pump, read_timeout, total)
         try:
-            await self._pump(send)
-            state.done = True  # from here on a disconnect must not cancel this task
+            try:
+                await self._pump(send, state)
+            finally:
+                state.done = True  # from here on neither a disconnect nor a deadline cancels
+                state.disarm()
         except asyncio.CancelledError:
-            state.done = True
             if state.disconnected and pump.uncancel() == 0:
                 return  # the client went away: nobody to answer
+            if state.expired is not None and pump.uncancel() == 0:
+                await self._broken(send, state, httpx.ReadTimeout(state.expired))
+                return
             raise
         finally:
             watcher.cancel()
             await self.upstream.aclose()
 
-    async def _pump(self, send: Send) -> None:
+    async def _pump(self, send: Send, state: _WatchState) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
-        tail = b"\n\n"
-        chunks = self.upstream.aiter_raw()
+        readany: Callable[[], Awaitable[bytes]] | None = getattr(self.upstream, "readany", None)
         try:
-            if self.on_first_chunk is not None:
-                async for chunk in chunks:  # up to the first chunk, then the loop below
-                    if chunk:
-                        await send({"type": "http.response.body", "body": chunk,
-                                    "more_body": True})
-                        tail = chunk[-2:]
-                        self.on_first_chunk()
-                        break
-            async for chunk in chunks:
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    tail = chunk[-2:]
+            if readany is not None:
+                await self._pump_reads(send, readany, state)
+            else:
+                await self._pump_iter(send, state)
         except httpx.HTTPError as exc:
-            if self.on_broken is not None:
-                self.on_broken()
-            if not self.is_event_stream:
-                # Break the connection: a truncated body must not look complete.
-                raise UpstreamBroken(self.model, exc) from exc
-            detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
-            event = errors.upstream_broken_stream(self.model, detail)
-            prefix = b"" if tail.endswith(b"\n\n") else b"\n\n"
-            await send({"type": "http.response.body", "body": prefix + event, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._broken(send, state, exc)
+            return
+        except Exception as exc:
+            map_error: Callable[[BaseException], httpx.HTTPError | None] | None = getattr(
+                self.upstream, "map_error", None)
+            mapped = map_error(exc) if map_error is not None else None
+            if mapped is None:
+                raise
+            await self._broken(send, state, mapped)
+            return
+        await send(_END)
+
+    async def _pump_reads(self, send: Send, readany: Callable[[], Awaitable[bytes]],
+                          state: _WatchState) -> None:
+        clock = state.clock
+        first = self.on_first_chunk
+        if first is not None:
+            chunk = await readany()
+            if not chunk:
+                return
+            state.last_read = clock()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            state.tail = chunk
+            first()
+        while True:
+            chunk = await readany()
+            if not chunk:
+                return
+            state.last_read = clock()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            state.tail = chunk
+
+    async def _pump_iter(self, send: Send, state: _WatchState) -> None:
+        clock = state.clock
+        first = self.on_first_chunk
+        async for chunk in self.upstream.aiter_raw():
+            if chunk:
+                state.last_read = clock()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                state.tail = chunk
+                if first is not None:
+                    first()
+                    first = None
+
+    async def _broken(self, send: Send, state: _WatchState, exc: httpx.HTTPError) -> None:
+        """The upstream failed (or missed a deadline) after the response started."""
+        if self.on_broken is not None:
+            self.on_broken()
+        if not self.is_event_stream:
+            # Break the connection: a truncated body must not look complete.
+            raise UpstreamBroken(self.model, exc) from exc
+        detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+        event = errors.upstream_broken_stream(self.model, detail, self.request_id)
+        prefix = b"" if state.tail.endswith(b"\n\n") else b"\n\n"
+        await send({"type": "http.response.body", "body": prefix + event, "more_body": True})
+        await send(_END)
 
 
 class _WatchState:
-    __slots__ = ("disconnected", "done")
+    """What the pump, the disconnect watcher and the deadline timer share."""
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "clock",
+        "disconnected",
+        "done",
+        "expired",
+        "last_read",
+        "loop",
+        "pump",
+        "read_timeout",
+        "tail",
+        "timer",
+        "total",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.clock = loop.time
         self.done = False
         self.disconnected = False
+        self.expired: str | None = None
+        self.tail = b"\n\n"
+        self.last_read = 0.0
+        self.read_timeout: float | None = None
+        self.total: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.pump: asyncio.Task[Any] | None = None
+
+    def arm(self, pump: asyncio.Task[Any], read_timeout: float | None,
+            total: float | None) -> None:
+        self.pump, self.read_timeout, self.total = pump, read_timeout, total
+        self.last_read = self.clock()
+        self.timer = self.loop.call_at(self._due(), self._check)
+
+    def _due(self) -> float:
+        due = self.last_read + self.read_timeout if self.read_timeout is not None else None
+        if self.total is not None and (due is None or self.total < due):
+            return self.total
+        assert due is not None
+        return due
+
+    def _check(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        now = self.clock()
+        if self.total is not None and now >= self.total:
+            self.expired = "the answer did not end within its total deadline"
+        elif self.read_timeout is not None and now - self.last_read >= self.read_timeout:
+            self.expired = f"no bytes from the model within {self.read_timeout:g} s"
+        else:
+            self.timer = self.loop.call_at(self._due(), self._check)
+            return
+        assert self.pump is not None
+        self.pump.cancel()
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 async def _watch(receive: Receive, pump: asyncio.Task[object], state: _WatchState) -> None:

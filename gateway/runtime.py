@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from fleet.registry import Registry
 from gateway import auth
@@ -19,6 +20,7 @@ from gateway.balancer import Balancer
 from gateway.metrics import GatewayMetrics, MeteredFleet
 from gateway.ports import FleetOpener
 from gateway.reload import Reloader
+from gateway.scheduler.explain import snapshot
 from gateway.scheduler.runtime import Scheduler
 from gateway.settings import GatewaySettings
 from gateway.state import RoutingState, build_state
@@ -102,6 +104,17 @@ class Runtime:
                                    retry_after=self.settings.retry_after)
         if self.on_activator is not None:  # serving already (a reload added a managed model)
             self.on_activator()
+
+    def scheduler_view(self) -> dict[str, Any] | None:
+        """The scheduler as status pages show it; None without one (drain-wait)."""
+        if self.scheduler is None:
+            return None
+        return snapshot(self.scheduler.core, self.clock())
+
+    async def refresh(self) -> None:
+        """The fleet changed outside the scheduler (an admin action): let it look again."""
+        if self.scheduler is not None:
+            await self.scheduler.refresh()
 
     def asleep(self) -> set[str]:
         """Models the gateway put to sleep (idle ttl, admin)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -13,36 +15,64 @@ class GatewaySettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1",
+                      description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
     registry: str | None = Field(
         default=None,
         validation_alias=AliasChoices("GATEWAY_REGISTRY", "FLEET_REGISTRY", "registry"),
-        description="registry path; default ./models.toml",
+        description="the registry file",
     )
     upstream_host: str = Field(
         default="127.0.0.1",
         description="host of managed models; 'service' inside compose (vllm-<name>)",
     )
-    connect_timeout: float = Field(default=5.0, gt=0)
-    read_timeout: float = Field(default=600.0, gt=0, description="max wait between bytes")
-    write_timeout: float = Field(default=60.0, gt=0)
-    pool_timeout: float = Field(default=10.0, gt=0)
-    max_connections: int = Field(default=512, ge=1, description="per instance")
+    connect_timeout: float = Field(default=5.0, gt=0, description="seconds to connect to a model")
+    read_timeout: float = Field(default=600.0, gt=0,
+                                description="seconds a model may go silent (between bytes)")
+    write_timeout: float = Field(default=60.0, gt=0,
+                                 description="seconds a model may take to accept a request body")
+    pool_timeout: float = Field(default=10.0, gt=0,
+                                description="seconds to wait for a free connection to a model")
+    max_connections: int = Field(default=512, ge=1,
+                                 description="connections to each model instance (upstream)")
     max_keepalive: int = Field(default=64, ge=0, description="idle connections kept per instance")
     keepalive_expiry: float = Field(
         default=4.0, gt=0,
         description="idle pooled connections are dropped after this; below vLLM's 5 s "
                     "keep-alive so a connection is never reused just as vLLM closes it")
-    upstream_client: Literal["aiohttp", "httpx"] = Field(
+    upstream_client: Literal["aiohttp", "httpx", "h1"] = Field(
         default="httpx",
-        description="HTTP client to the upstreams. `python -m gateway` uses aiohttp (about 4x "
-                    "less CPU per streamed request) unless this is set; the library default "
-                    "stays httpx so respx-mocked apps work")
-    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+        description="HTTP client to the upstreams. `python -m gateway` uses h1 (the gateway's "
+                    "own, gateway/h1.py; https models get aiohttp) unless this is set; the "
+                    "library default stays httpx so respx-mocked apps work")
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1,
+                                description="largest request body accepted (then 413)")
+    # Limits on the way in (gateway/server.py, gateway/body.py): what one client may make the
+    # gateway hold before its request reaches a model.
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024,
+        description="request line plus headers, in bytes (beyond: 431, connection closed)")
+    max_header_count: int = Field(
+        default=100, ge=1, description="header fields in one request (beyond: 431)")
+    header_timeout: float = Field(
+        default=10.0, gt=0,
+        description="seconds a connection may take to send a request's line and headers "
+                    "(from its first byte, or from the connection's start); then it is closed")
+    max_client_connections: int = Field(
+        default=4096, ge=1,
+        description="open client connections; beyond it the oldest idle one is closed, or, "
+                    "when none is idle, the new one gets 503 (file descriptors are raised to fit)")
+    max_buffered_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1,
+        description="request body bytes held at once across all requests (beyond: 503 with "
+                    "Retry-After)")
     health_timeout: float = Field(default=2.0, gt=0, description="probe timeout for listings")
+    list_aliases: bool = Field(
+        default=True, description="GET /v1/models lists each alias as an entry of its own "
+                                  "(model pickers in chat UIs show them)")
     retry_after: int = Field(default=5, ge=1, description="Retry-After seconds on 503")
-    log_level: str = "info"
+    log_level: str = Field(default="info", description="log level: debug, info, warning, error")
     access_log: bool = Field(
         default=False, description="one structured line per request (request id, model, status, "
                                    "duration, key name); uvicorn's own access log stays off")
@@ -60,6 +90,9 @@ class GatewaySettings(BaseSettings):
         default="", description="comma-separated origins allowed by CORS, or *; empty: CORS off")
     metrics_public: bool = Field(
         default=True, description="GET /metrics without a key; false: it needs the admin key")
+    ui: Literal["loopback", "on", "off"] = Field(
+        default="loopback", description="the dashboard at /ui: loopback (only to clients on this "
+                                        "machine), on (everyone; data still behind the keys), off")
     # On-demand activation through the fleet (managed models only), idle ttl, replica probes.
     activation: bool = Field(default=True, description="wake/start models on demand via the fleet")
     activation_timeout: float = Field(default=600.0, gt=0, description="max wait for a model")
@@ -80,3 +113,27 @@ class GatewaySettings(BaseSettings):
         "switch` from the host)")
     sleep_check_interval: float = Field(
         default=1.0, ge=0, description="how long an /is_sleeping answer is trusted")
+
+
+ENV_PREFIX = "GATEWAY_"
+
+
+def env_name(field: str) -> str:
+    """The environment variable of setting `field` (`read_timeout` -> GATEWAY_READ_TIMEOUT)."""
+    return ENV_PREFIX + field.upper()
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per `GATEWAY_*` variable that is no setting, with a "did you mean" when one
+    is close (`GATEWAY_API_KEY` -> GATEWAY_API_KEYS): a misspelt variable is otherwise
+    ignored without a word, and a misspelt key variable leaves the gateway open."""
+    known = [f.upper() for f in GatewaySettings.model_fields]
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper[len(ENV_PREFIX):] in known:
+            continue
+        close = difflib.get_close_matches(upper[len(ENV_PREFIX):], known, n=1, cutoff=0.6)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        problems.append(f"unknown setting {name}{hint}; settings: `gateway --help`")
+    return problems

@@ -119,3 +119,7 @@ cat >&2 <<EOF2
   .venv/bin/fleet --registry $REG status        # what runs
   make demo-down                                # stop the gateway and the models
 EOF2
+say ""
+say "Dashboard (live models, queues, switches; served to this machine only; actions need the"
+say "gateway started with GATEWAY_ADMIN_KEY set):"
+say "  $GATEWAY/ui/"

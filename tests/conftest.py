@@ -1,7 +1,7 @@
 """Test tiers and the rule that, in CI, a skipped test is a failure.
 
 Each test module declares its tier with `pytestmark = pytest.mark.<tier>` (unit, gateway,
-docker, vllm, swarm). With REQUIRE_ALL_TIERS=1 (set by .ci/run and `make test`), any skip turns into
+docker, browser, vllm, swarm). With REQUIRE_ALL_TIERS=1 (set by .ci/run and `make test`), any skip turns into
 a failure, so a tier that cannot run never passes quietly.
 """
 
@@ -14,7 +14,7 @@ import pytest
 pytest_plugins = ["support.gateway_fixtures", "support.sim_fixtures", "support.docker_fixtures",
                   "support.vllm_fixtures", "support.registries", "support.swarm_fixtures"]
 
-TIERS = ("unit", "gateway", "docker", "vllm", "swarm")
+TIERS = ("unit", "gateway", "docker", "browser", "vllm", "swarm")
 
 
 def _require_all() -> bool:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from fleet.errors import ModelsBusy, PlacementRefused
+from fleet.placement import Violation as FleetViolation
 from gateway.activation import Activator, idle_loop
 from gateway.errors import GatewayError
 
@@ -20,10 +22,10 @@ class Violation:
     message: str
 
 
-class Refused(Exception):
-    def __init__(self, message: str, kinds: list[str]) -> None:
-        super().__init__(message)
-        self.violations = [Violation(k, message) for k in kinds]
+def Refused(message: str, kinds: list[str]) -> PlacementRefused:
+    """The fleet's typed refusal: ModelsBusy when a busy model is in the way."""
+    violations = [FleetViolation(k, message) for k in kinds]
+    return (ModelsBusy if "busy" in kinds else PlacementRefused)(message, violations)
 
 
 class FakeFleet:
@@ -33,7 +35,8 @@ class FakeFleet:
         self.release.set()
         self.failures: list[Exception] = []
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> None:
         self.calls.append(("ensure_awake", model))
         assert self.release.wait(10)
         if self.failures:
@@ -72,7 +75,10 @@ async def test_failure_is_a_503_with_the_reason() -> None:
     with pytest.raises(GatewayError) as info:
         await act.activate("m")
     assert info.value.status == 503 and info.value.retry_after == 7
-    assert "`m`" in info.value.message and "gpu 0 over budget" in info.value.message
+    assert "`m`" in info.value.message and "planner refused" in info.value.message
+    # The fleet's own words (container logs, addresses) are for the log, not the caller.
+    assert "gpu 0 over budget" not in info.value.message
+    assert "gpu 0 over budget" in (info.value.internal or "")
 
 
 async def test_busy_until_the_deadline_gives_up() -> None:
@@ -81,7 +87,7 @@ async def test_busy_until_the_deadline_gives_up() -> None:
     act = Activator(fleet, timeout=0.1, retry_after=1, drain_poll=0.02)
     with pytest.raises(GatewayError) as info:
         await act.activate("m")
-    assert "b is busy" in info.value.message
+    assert "busy" in info.value.message and "b is busy" not in info.value.message
 
 
 async def test_a_waiter_that_goes_away_does_not_cancel_the_activation() -> None:

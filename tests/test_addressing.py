@@ -97,15 +97,16 @@ def test_settings_wire_the_compose_gateway_fleet(monkeypatch: pytest.MonkeyPatch
 
 def test_the_gateway_fleet_follows_the_gateway_upstream_host(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from gateway.cli import FleetFactory
+    from gateway.cli import RegistryFleetOpener
 
     monkeypatch.setenv("FLEET_LOCK_FILE", str(tmp_path / "lock"))
     monkeypatch.delenv("FLEET_UPSTREAM_HOST", raising=False)
     registry = parse_registry(TEXT)
-    client = FleetFactory(registry, "service")(lambda _m: False, lambda _m: 0.0)
+    client = RegistryFleetOpener(registry, "service")(lambda _m: False, lambda _m: 0.0)
     probe = client.fleet.probe  # type: ignore[attr-defined]
     assert isinstance(probe, AddressedProbe) and probe.upstream_host == "service"
-    assert FleetFactory(registry, "service").for_registry(registry).upstream_host == "service"
+    opener = RegistryFleetOpener(registry, "service")
+    assert opener.for_registry(registry).upstream_host == "service"
     monkeypatch.setenv("FLEET_UPSTREAM_HOST", "127.0.0.1")  # an explicit fleet setting wins
-    client = FleetFactory(registry, "service")(lambda _m: False, lambda _m: 0.0)
+    client = RegistryFleetOpener(registry, "service")(lambda _m: False, lambda _m: 0.0)
     assert not isinstance(client.fleet.probe, AddressedProbe)  # type: ignore[attr-defined]

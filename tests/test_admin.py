@@ -11,6 +11,7 @@ import httpx
 import pytest
 import respx
 
+from fleet.errors import PlacementRefused
 from fleet.registry import parse_registry
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
@@ -31,10 +32,11 @@ url = "{R}"
 ADMIN = {"authorization": "Bearer sk-admin"}
 
 
-class Refused(Exception):
+class Refused(PlacementRefused):
+    """The fleet's typed refusal (the admin endpoints answer 409 for it)."""
+
     def __init__(self) -> None:
-        super().__init__("does not fit beside x")
-        self.violations = ["x"]
+        super().__init__("does not fit beside x", ())
 
 
 class FakeFleet:
@@ -51,7 +53,8 @@ class FakeFleet:
         if self.fail is not None:
             raise self.fail
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> None:
         self._record("ensure_awake", model)
 
     def sleep(self, model: str) -> None:

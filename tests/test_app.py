@@ -138,7 +138,7 @@ async def test_body_too_large(gw) -> None:
 
 
 @pytest.mark.parametrize(("exc", "status"), [
-    (httpx.ConnectError("refused"), 502),
+    (httpx.ConnectError("[Errno 111] Connect call failed ('127.0.0.1', 9001)"), 502),
     (httpx.RemoteProtocolError("Server disconnected"), 502),
     (httpx.ConnectTimeout("timed out"), 503),
     (httpx.ReadTimeout("timed out"), 504),
@@ -146,9 +146,12 @@ async def test_body_too_large(gw) -> None:
 async def test_upstream_failures(gw, exc: Exception, status: int) -> None:
     client, mock = gw
     mock.post(f"{A}/v1/chat/completions").mock(side_effect=exc)
-    resp = await client.post("/v1/chat/completions", json={"model": "a", **CHAT})
+    resp = await client.post("/v1/chat/completions", json={"model": "a", **CHAT},
+                             headers={"x-request-id": "req-up-1"})
     err = error_of(resp, status)
-    assert "`a`" in err["message"] and "9001" in err["message"]
+    assert "`a`" in err["message"] and "req-up-1" in err["message"]
+    # The upstream's address and the client library's words stay in the gateway's log.
+    assert "9001" not in err["message"] and str(exc) not in err["message"], err["message"]
     assert ("retry-after" in resp.headers) == (status == 503)
 
 
@@ -205,11 +208,15 @@ async def test_upstream_breaking_mid_stream_ends_with_an_error_event(gw) -> None
     client, mock = gw
     mock.post(f"{A}/v1/chat/completions").respond(
         200, stream=BreakingStream(), headers={"content-type": "text/event-stream"})
-    resp = await client.post("/v1/chat/completions", json={"model": "a", "stream": True, **CHAT})
+    resp = await client.post("/v1/chat/completions", json={"model": "a", "stream": True, **CHAT},
+                             headers={"x-request-id": "rid-broken"})
     events = resp.content.split(b"\n\n")
     assert events[0] == b'data: {"n":1}'
     error = json.loads(events[-2].removeprefix(b"data: "))["error"]
     assert error["code"] == 502 and "broke off" in error["message"]
+    # The client library's words are for the log; the caller gets the request id.
+    assert "reset by peer" not in error["message"] and "ReadError" not in error["message"]
+    assert "rid-broken" in error["message"]
 
 
 async def test_models_listing_and_lookup(gw) -> None:
@@ -218,11 +225,26 @@ async def test_models_listing_and_lookup(gw) -> None:
     mock.get(f"{R}/health").mock(side_effect=httpx.ConnectError("refused"))
     resp = await client.get("/v1/models")
     data = {m["id"]: m for m in resp.json()["data"]}
-    assert resp.json()["object"] == "list" and list(data) == ["a", "r"]
+    # Aliases are entries of their own (model pickers in chat UIs list ids only).
+    assert resp.json()["object"] == "list" and list(data) == ["a", "gpt-4o-mini", "r"]
     assert data["a"]["object"] == "model" and data["a"]["aliases"] == ["gpt-4o-mini"]
     assert (data["a"]["state"], data["r"]["state"]) == ("ready", "unreachable")
+    alias = data["gpt-4o-mini"]
+    assert alias["object"] == "model" and alias["alias_of"] == "a" and alias["state"] == "ready"
+    assert "alias_of" not in data["a"]
     assert (await client.get("/v1/models/gpt-4o-mini")).json()["id"] == "a"
     error_of(await client.get("/v1/models/nope"), 404)
+
+
+async def test_models_listing_without_alias_entries() -> None:
+    app = create_app(REG, GatewaySettings(list_aliases=False))
+    with respx.mock(assert_all_called=False) as mock:
+        mock.get(f"{A}/health").respond(200)
+        mock.get(f"{R}/health").respond(200)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            data = (await client.get("/v1/models")).json()["data"]
+    assert [m["id"] for m in data] == ["a", "r"]
 
 
 async def test_instance_health_through_the_gateway(gw) -> None:
@@ -292,7 +314,7 @@ async def test_a_reload_during_a_listing_or_a_request_is_no_500() -> None:
                 release.set()
                 resp = await listing
                 assert resp.status_code == 200
-                assert [m["id"] for m in resp.json()["data"]] == ["a", "r"]
+                assert [m["id"] for m in resp.json()["data"]] == ["a", "gpt-4o-mini", "r"]
 
                 async def body() -> AsyncIterator[bytes]:  # the reload lands mid-body
                     yield b'{"messages": []'

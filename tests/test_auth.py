@@ -148,6 +148,11 @@ def test_paths_and_levels() -> None:
     assert [access.classify(p) for p in ("/health", "/metrics", "/admin/status", "/admin",
                                          "/v1/models", "/anything", "/administrator")] == [
         "public", "public", "admin", "admin", "api", "api", "api"]
+    # the dashboard: its page and files are public, its data is not, its log lines are admin
+    assert [access.classify(p) for p in ("/ui", "/ui/", "/ui/static/dashboard.js",
+                                         "/ui/api/snapshot", "/ui/api/logs/m", "/uix",
+                                         "/ui/v1/chat/completions")] == [
+        "public", "public", "public", "api", "admin", "api", "api"]
     access.metrics_public = False
     assert access.classify("/metrics") == "admin"
     assert access.check("admin", "k").status == 403  # no admin key configured
@@ -220,15 +225,32 @@ async def test_models_listing_shows_only_allowed_models(gw) -> None:
     mock.get(f"{A}/health").respond(200)
     mock.get(f"{B}/health").respond(200)
     listed = (await client.get("/v1/models", headers=bearer("sk-only-alpha"))).json()["data"]
-    assert [m["id"] for m in listed] == ["a"]
+    assert [m["id"] for m in listed] == ["a", "alpha"]  # the alias is an entry of its own
     listed = (await client.get("/v1/models", headers=bearer("sk-full"))).json()["data"]
-    assert [m["id"] for m in listed] == ["a", "b"]
+    assert [m["id"] for m in listed] == ["a", "alpha", "b"]
+
+
+async def test_unknown_model_lists_only_the_models_the_key_may_use(gw) -> None:
+    client, _ = gw
+    for method, path, body in (("POST", "/v1/chat/completions", {"model": "nope", **CHAT}),
+                               ("POST", "/nope/v1/chat/completions", CHAT),
+                               ("GET", "/v1/models/nope", None)):
+        resp = await client.request(method, path, json=body, headers=bearer("sk-only-alpha"))
+        message = error_of(resp, 404)["message"]
+        listed = message.split("Valid models and aliases: ")[1].split(".")[0]
+        assert listed == "a, alpha", message  # never `b`, which this key may not use
+        resp = await client.request(method, path, json=body, headers=bearer("sk-full"))
+        listed = error_of(resp, 404)["message"].split("aliases: ")[1].split(".")[0]
+        assert listed == "a, alpha, b"
 
 
 async def test_admin_key_and_api_keys_are_separate(gw) -> None:
     client, _ = gw
-    err = error_of(await client.get("/admin/status", headers=bearer("sk-full")), 401)
+    # A valid API key is known but not allowed: 403 (a 401 would say "log in again").
+    err = error_of(await client.get("/admin/status", headers=bearer("sk-full")), 403)
     assert "admin key" in err["message"]
+    err = error_of(await client.get("/admin/status", headers=bearer("sk-nobody")), 401)
+    assert "not valid" in err["message"]
     error_of(await client.get("/admin/status"), 401)
     assert (await client.get("/admin/status", headers=bearer("sk-admin"))).status_code == 200
     assert (await client.get("/health")).status_code == 200
@@ -238,7 +260,7 @@ async def test_admin_key_and_api_keys_are_separate(gw) -> None:
 async def test_metrics_behind_the_admin_key_when_not_public(tmp_path: Path) -> None:
     async for client, _ in client_for(settings(tmp_path, metrics_public=False)):
         error_of(await client.get("/metrics"), 401)
-        error_of(await client.get("/metrics", headers=bearer("sk-full")), 401)
+        error_of(await client.get("/metrics", headers=bearer("sk-full")), 403)
         assert (await client.get("/metrics", headers=bearer("sk-admin"))).status_code == 200
 
 

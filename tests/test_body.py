@@ -85,3 +85,69 @@ def test_multipart_quoted_boundary_and_errors() -> None:
         with pytest.raises(GatewayError) as info:
             body.parse(data, ct)
         assert info.value.status == 400 and "multipart" in info.value.message
+
+
+def test_multipart_with_two_model_fields_is_a_400() -> None:
+    # The gateway would route by the first, vLLM reads the last: refuse the ambiguity.
+    two = form({"model": "a"}).replace(
+        f"--{BOUNDARY}--".encode(),
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\nb\r\n'
+        f"--{BOUNDARY}--".encode())
+    with pytest.raises(GatewayError) as info:
+        body.parse(two, CT)
+    assert info.value.status == 400 and "more than one `model` field" in info.value.message
+    assert body.parse(form({"model": "a", "language": "en"}), CT).model == "a"
+
+
+# -- reading bodies within the limits -------------------------------------------------------------
+class FakeRequest:
+    """What `read_body` uses of a Starlette request: headers, stream(), state."""
+
+    def __init__(self, chunks: list[bytes], length: int | None = None,
+                 disconnect_after: int | None = None) -> None:
+        self.headers = {} if length is None else {"content-length": str(length)}
+        self._chunks, self._disconnect_after = chunks, disconnect_after
+        self.state = type("State", (), {"request_id": "rid-1"})()
+
+    async def stream(self):  # type: ignore[no-untyped-def]
+        from starlette.requests import ClientDisconnect
+
+        for i, chunk in enumerate(self._chunks):
+            if self._disconnect_after is not None and i >= self._disconnect_after:
+                raise ClientDisconnect()
+            yield chunk
+
+
+@pytest.mark.anyio
+async def test_the_global_budget_refuses_with_503_and_is_given_back() -> None:
+    budget = body.BodyBudget(100, retry_after=7)
+    with budget.hold() as first:
+        assert await body.read_body(FakeRequest([b"a" * 60]), 1000, first) == b"a" * 60
+        with budget.hold() as second:  # by the declared length: nothing is read
+            with pytest.raises(GatewayError) as info:
+                await body.read_body(FakeRequest([b"b" * 50], length=50), 1000, second)
+            assert info.value.status == 503 and info.value.retry_after == 7
+            assert "GATEWAY_MAX_BUFFERED_BYTES" in info.value.message
+            with pytest.raises(GatewayError) as info:  # no length: counted as read
+                await body.read_body(FakeRequest([b"b" * 30, b"b" * 30]), 1000, second)
+            assert info.value.status == 503
+        assert budget.held == 60
+    assert budget.held == 0
+    with budget.hold() as again:
+        assert await body.read_body(FakeRequest([b"c" * 100], length=100), 1000, again)
+
+
+@pytest.mark.anyio
+async def test_a_client_leaving_mid_upload_is_a_499_not_a_failure() -> None:
+    budget = body.BodyBudget(1000, retry_after=1)
+    with budget.hold() as hold, pytest.raises(GatewayError) as info:
+        await body.read_body(FakeRequest([b"x" * 10] * 5, disconnect_after=2), 1000, hold)
+    assert info.value.status == 499 and "rid-1" in info.value.message
+    assert budget.held == 0
+
+
+@pytest.mark.anyio
+async def test_the_per_body_limit_is_413() -> None:
+    with pytest.raises(GatewayError) as info:
+        await body.read_body(FakeRequest([b"x"], length=2000), 1000)
+    assert info.value.status == 413

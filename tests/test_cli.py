@@ -278,7 +278,8 @@ def test_status_with_the_gateway_figures(cli, world, monkeypatch) -> None:  # ty
 
     assert cli("up").code == 0
     monkeypatch.setenv("GATEWAY_ADMIN_KEY", "sekret")
-    body = {"models": {"a": {"in_flight": 3, "queued": 1, "replicas": [
+    sched = {"state": "draining", "oldest_wait": 4.25, "draining_because": "quantum over"}
+    body = {"models": {"a": {"in_flight": 3, "queued": 1, "scheduler": sched, "replicas": [
         {"index": 0, "outstanding": 3, "ejected": False}]}}}
     with respx.mock() as mock:
         route = mock.get("http://gw:8000/admin/status").respond(200, json=body)
@@ -286,9 +287,10 @@ def test_status_with_the_gateway_figures(cli, world, monkeypatch) -> None:  # ty
         assert route.calls[0].request.headers["authorization"] == "Bearer sekret"
         rows = {row["name"]: row for row in r.json()}
         assert rows["a"]["gateway"] == {"in_flight": 3, "queued": 1, "outstanding": 3,
-                                        "ejected": False}
+                                        "ejected": False, "scheduler": sched}
         r = cli("status", "--gateway", "http://gw:8000")
-        assert "a [0]: 3 in flight, 1 queued, 3 outstanding" in r.out
+        assert "a [0]: 3 in flight, 1 queued, 3 outstanding; draining, oldest waiting 4.2s, " \
+               "draining: quantum over" in r.out
         mock.get("http://down:8000/admin/status").mock(side_effect=httpx.ConnectError("no"))
         r = cli("status", "--gateway", "http://down:8000")
         assert r.code == 0 and "no figures from the gateway at http://down:8000" in r.err

@@ -108,3 +108,10 @@ def test_gateway_image_serves_a_mounted_registry(docker_ready: DockerSession, ga
     response = wait_http_ok(f"http://127.0.0.1:{port}/health", deadline=30.0,
                             give_up=lambda: container_exited(name))
     assert response.json().get("status") == "ok", response.text
+    # The dashboard's files are in the image. Through Docker's network the page is refused
+    # (GATEWAY_UI=loopback, the default); inside the container, on loopback, it is served.
+    refused = httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=5.0)
+    assert refused.status_code == 403 and "GATEWAY_UI=on" in refused.text, refused.text
+    script = docker_cli("exec", name, "curl", "-fsS",
+                        "http://127.0.0.1:8000/ui/static/dashboard.js", timeout=15.0).stdout
+    assert "sessionStorage" in script

@@ -10,8 +10,10 @@ upstream made pass through whatever their status (`support.reliability.judge`).
   gateway can run with (orjson when usable, else the standard library), raw bytes and invalid
   UTF-8 under any content type, multipart forms, and, through a bare ASGI call because httpx
   normalises URLs and checks headers, path tricks and arbitrary headers;
-- over real sockets against `python -m gateway`: a smaller raw-HTTP fuzz, and the bodies that
-  can take a process down (2 MB of nested brackets, bodies and headers beyond the limits).
+- over real sockets against `python -m gateway`: a smaller raw-HTTP fuzz, the bodies that
+  can take a process down (2 MB of nested brackets, bodies and headers beyond the limits),
+  and header floods (many fields, huge fields, huge request lines, heads sent in pieces)
+  against small head limits: 431 exactly when a limit is passed, and /health stays fast.
 
 Hypothesis runs derandomized (the same examples on every run), with bounded example counts.
 """
@@ -21,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import socket
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +41,15 @@ import gateway.body
 from fleet.registry import parse_registry
 from gateway.app import MODEL_ENDPOINTS, create_app
 from gateway.settings import GatewaySettings
-from support.reliability import from_upstream, judge, raw_exchange, registry_for, wait_for
+from support.reliability import (
+    from_upstream,
+    judge,
+    parse_response,
+    raw_exchange,
+    read_until_closed,
+    registry_for,
+    wait_for,
+)
 from support.sim_fixtures import SimServer, start_sim
 
 pytestmark = pytest.mark.gateway
@@ -505,6 +517,8 @@ def test_over_sockets_hostile_bodies_headers_and_paths(served) -> None:
         _check_socket_answer(answer, what)
         if len(body) > 4 * 1024 * 1024:
             assert answer[0] == 413, answer[:2]
+        if sum(len(k) + len(v) + 4 for k, v in headers) > 64 * 1024:  # GATEWAY_MAX_HEADER_BYTES
+            assert answer[0] == 431, (what, answer[:2])
         _alive(gw)
 
     # A body beyond the limit without a length (chunked) is cut off at the limit.
@@ -541,3 +555,58 @@ def test_over_sockets_fuzzed_requests(served, method: str, target: bytes, query:
                        + [(b"content-type", b"application/json")], body)
     _check_socket_answer(raw_exchange(gw.port, request), request[:500])
     wait_for(lambda: gw.process.poll() is None, 0, "gateway process alive")
+
+
+# -- over real sockets: header floods against small limits ----------------------------------------
+HEAD_LIMIT, COUNT_LIMIT = 8192, 40
+
+
+@pytest.fixture
+def limited(sim_factory, gateway_factory) -> Any:
+    sim = sim_factory(served_names=("tiny",), max_model_len=256)
+    return gateway_factory(registry_for(tiny=sim), extra_env={
+        "GATEWAY_MAX_HEADER_BYTES": str(HEAD_LIMIT), "GATEWAY_MAX_HEADER_COUNT": str(COUNT_LIMIT),
+        "GATEWAY_HEADER_TIMEOUT": "5"})
+
+
+@settings(FUZZ, max_examples=60)
+@given(count=st.sampled_from([0, 1, COUNT_LIMIT - 5, COUNT_LIMIT - 4, COUNT_LIMIT - 3, 200,
+                              5000]) | st.integers(0, 300),
+       size=st.sampled_from([0, 1, 100, HEAD_LIMIT // 2, HEAD_LIMIT, 10 * HEAD_LIMIT])
+       | st.integers(0, 3 * HEAD_LIMIT),
+       line=st.sampled_from([1, 100, HEAD_LIMIT, 4 * HEAD_LIMIT]),
+       pieces=st.sampled_from([1, 2, 7, 64]),
+       target=st.sampled_from([("POST", b"/v1/chat/completions"), ("GET", b"/v1/models"),
+                               ("GET", b"/health")]))
+def test_header_floods_get_431_and_leave_the_gateway_fast(
+        limited, count: int, size: int, line: int, pieces: int,
+        target: tuple[str, bytes]) -> None:
+    gw = limited
+    method, path = target
+    per = size // count if count else 0
+    fields = [(b"x-f%d" % i, b"v" * per) for i in range(count)]
+    query = b"?q=" + b"a" * line
+    body = b'{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":1}'
+    request = _request(method, path + query, [(b"content-type", b"application/json"), *fields],
+                       body if method == "POST" else b"")
+    head_bytes = request.index(b"\r\n\r\n") + 4
+    fields_total = count + 4  # host, connection, content-type, content-length
+    step = max(1, len(request) // pieces)
+    data = b""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as sock:
+        try:
+            for i in range(0, len(request), step):  # the head arrives in pieces
+                sock.sendall(request[i:i + step])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused part-way
+        data, _ = read_until_closed(sock, 20)
+    status, headers, answer = parse_response(data)
+    what = (method, path, count, size, line, pieces, head_bytes)
+    _check_socket_answer((status, headers, answer), what)
+    if head_bytes > HEAD_LIMIT + 4 or fields_total > COUNT_LIMIT:
+        assert status == 431, (what, status, answer[:300])
+    if head_bytes <= HEAD_LIMIT and fields_total <= COUNT_LIMIT:
+        assert status != 431, (what, answer[:300])
+    started = time.monotonic()
+    _alive(gw)
+    assert time.monotonic() - started < 1.0, "/health slowed down"

@@ -68,7 +68,8 @@ def test_openai_client_chat_completions_and_models_as_direct(two_models) -> None
     assert chunks[-1].usage is not None
 
     listed = {m.id: m for m in via.models.list()}
-    assert set(listed) == {"a", "b"}
+    assert set(listed) == {"a", "a-alias", "b", "b-alias"}  # aliases are entries too
+    assert listed["a-alias"].model_extra["alias_of"] == "a"
     assert listed["a"].model_extra["state"] == "ready"
     assert listed["a"].model_extra["aliases"] == ["a-alias"]
 
@@ -156,4 +157,5 @@ def test_dead_upstream_is_a_502_and_others_keep_serving(two_models) -> None:
     assert "fleet up b" in info.value.message
     assert client.chat.completions.create(model="a", messages=MSG, max_tokens=2).choices
     states = {m["id"]: m["state"] for m in httpx.get(f"{gw.base_url}/v1/models").json()["data"]}
-    assert states == {"a": "ready", "b": "unreachable"}
+    assert states == {"a": "ready", "a-alias": "ready", "b": "unreachable",
+                      "b-alias": "unreachable"}

@@ -106,7 +106,8 @@ class SimFleet:
         self.calls = 0
         self.sim: SimServer | None = None
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> None:
         with self.lock:
             self.calls += 1
             if self.sim is None:
@@ -176,7 +177,8 @@ class ReplicaFleet:
             self.sims[i] = start_sim(served_names=(self.name,), port=self.base_port + i,
                                      itl_ms=50, timeout=30)
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> None:
         with self.lock:
             self._start(0)
 
@@ -239,7 +241,8 @@ class WakingFleet:
         self.sim = sim
         self.calls = 0
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> None:
         self.calls += 1
         httpx.post(self.sim.url("/wake_up"), timeout=10).raise_for_status()
 
@@ -252,8 +255,10 @@ async def test_a_model_put_to_sleep_elsewhere_is_woken_before_forwarding(sim_fac
     fleet = WakingFleet(sim)
     reg = f'[models.m]\nsource = "org/m"\nport = {sim.port}\nsleep_mode = true\n'
     async with gateway(reg, lambda busy, last_used: fleet, sleep_check_interval=0) as client:
+        assert (await chat(client, "m")).status_code == 200  # the gateway knows it awake
+        calls = fleet.calls
         fleet.sleep("m")  # as `fleet switch other` would: the gateway was not told
         resp = await asyncio.wait_for(chat(client, "m"), 10)  # vLLM would hold it while asleep
-        assert resp.status_code == 200 and fleet.calls == 1
+        assert resp.status_code == 200 and fleet.calls == calls + 1
         assert httpx.get(sim.url("/is_sleeping")).json() == {"is_sleeping": False}
-        assert (await chat(client, "m")).status_code == 200 and fleet.calls == 1
+        assert (await chat(client, "m")).status_code == 200 and fleet.calls == calls + 1

@@ -386,9 +386,9 @@ def test_a_configured_compose_project_labels_what_the_fleet_creates(
         world: FakeWorld, tmp_path: Path) -> None:
     # the compose gateway's fleet: no autostart peer to learn the project from
     fleet = make_fleet(world, make_registry(), tmp_path, network="proj", compose_project="proj")
-    assert fleet.run_kwargs("c")["labels"]["com.docker.compose.project"] == "proj"
+    assert fleet.actor.run_kwargs("c")["labels"]["com.docker.compose.project"] == "proj"
     plain = make_fleet(FakeWorld(), make_registry(), tmp_path, network="net")
-    assert "com.docker.compose.project" not in plain.run_kwargs("c")["labels"]
+    assert "com.docker.compose.project" not in plain.actor.run_kwargs("c")["labels"]
 
 
 # -- replicas ------------------------------------------------------------------------------

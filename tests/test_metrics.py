@@ -12,6 +12,7 @@ import pytest
 import respx
 from prometheus_client.parser import text_string_to_metric_families
 
+from fleet.errors import ModelsBusy, PlacementRefused
 from fleet.registry import parse_registry
 from gateway.app import create_app
 from gateway.balancer import Balancer, Instance
@@ -110,17 +111,17 @@ class Report:
     actions: list[Action]
 
 
-class Refused(Exception):
-    def __init__(self, kind: str) -> None:
-        super().__init__(f"refused: {kind}")
-        self.violations = [type("V", (), {"kind": kind})()]
+def Refused(kind: str) -> PlacementRefused:
+    """The fleet's typed refusal: ModelsBusy when a busy model is in the way."""
+    return (ModelsBusy if kind == "busy" else PlacementRefused)(f"refused: {kind}", ())
 
 
 class FakeFleet:
     def __init__(self) -> None:
         self.outcomes: list[object] = []
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> object:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> object:
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
@@ -142,7 +143,7 @@ def test_metered_fleet() -> None:
     assert fleet.ensure_awake("a") is None
     assert isinstance(fleet.ensure_awake("a", timeout=5), Report)
     for _ in range(2):
-        with pytest.raises((Refused, RuntimeError)):
+        with pytest.raises((PlacementRefused, RuntimeError)):
             fleet.ensure_awake("a")
     assert fleet.sleep("a") == "slept" and fleet.status() == ["row"]
     out = m.exposition()

@@ -34,7 +34,8 @@ class Fleet:
         self.lock = threading.Lock()
         self.calls: list[tuple[str, str]] = []
 
-    def ensure_awake(self, model: str, *, timeout: float | None = None) -> None:
+    def ensure_awake(self, model: str, *, timeout: float | None = None,
+                     evict: object = None) -> None:
         with self.lock:
             self.calls.append(("ensure_awake", model))
 
@@ -138,7 +139,8 @@ async def test_fleet_client_is_rebuilt_for_the_new_registry(write_registry: Writ
         path.write_text(ONE + '[models.m]\nsource = "org/m"\nport = 9503\nttl = 0.1\n')
         await gw.reloader.reload()
         assert len(built) == 2 and built[1].registry.models["m"].ttl == 0.1
-        assert gw.activator.fleet.fleet is built[1]  # wrapped by the metrics
+        # wrapped by the metrics, then by the dashboard's switch history
+        assert gw.activator.fleet.fleet.fleet is built[1]
         for _ in range(200):  # the idle loop sees the new ttl (deadline: 10 s)
             if ("sleep", "m") in built[1].calls:
                 break
@@ -155,7 +157,7 @@ async def test_an_opener_bound_to_its_registry_keeps_its_client(
         gw = gateway_of(client)
         path.write_text(managed + ONE)
         await gw.reloader.reload()
-        assert gw.activator.fleet.fleet is fleet and "a" in gw.state.table.routes
+        assert gw.activator.fleet.fleet.fleet is fleet and "a" in gw.state.table.routes
 
 
 async def test_finished_reload_tasks_are_dropped() -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection
 import httpx
 import pytest
 
+from fleet.errors import ModelsBusy
 from support.ports import free_port
 from support.sim_fixtures import SimServer, start_sim
 from test_gateway_serving import MSG, gateway
@@ -73,10 +74,8 @@ class TimeShareFleet:
             self.sleep(m)
 
 
-class _Busy(Exception):
-    def __init__(self, models: list[str]) -> None:
-        super().__init__(f"{', '.join(models)} busy")
-        self.violations = [type("V", (), {"kind": "busy"})()]
+def _Busy(models: list[str]) -> ModelsBusy:
+    return ModelsBusy(f"{', '.join(models)} busy", ())
 
 
 class _Report:

@@ -19,13 +19,8 @@ from fleet.placement import check_placement
 from fleet.registry import RegistryError, parse_registry
 from fleet.spec import docker_run_kwargs, replica_specs
 from fleet.stack import render_stack, stack_drift
-from fleet.swarm import (
-    LABEL_SWARM_NODE,
-    SwarmProbe,
-    parse_size,
-    record_from_service,
-    service_spec,
-)
+from fleet.swarm import SwarmProbe
+from fleet.swarm_spec import LABEL_SWARM_NODE, parse_size, record_from_service, service_spec
 from gateway.routing import RoutingTable
 
 pytestmark = pytest.mark.unit

@@ -294,9 +294,10 @@ async def test_upstreams_choose_the_client() -> None:
     await mocked.aclose()
 
 
-@pytest.mark.parametrize(("env", "want"), [({}, "aiohttp"),
+@pytest.mark.parametrize(("env", "want"), [({}, "h1"),
+                                           ({"GATEWAY_UPSTREAM_CLIENT": "aiohttp"}, "aiohttp"),
                                            ({"GATEWAY_UPSTREAM_CLIENT": "httpx"}, "httpx")])
-def test_the_server_uses_aiohttp_unless_told(tmp_path: Path, env: dict[str, str],
+def test_the_server_uses_h1_unless_told(tmp_path: Path, env: dict[str, str],
                                              want: str) -> None:
     reg = tmp_path / "models.toml"
     reg.write_text('[models.a]\nurl = "http://127.0.0.1:9"\n')

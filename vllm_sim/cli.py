@@ -47,6 +47,12 @@ def _model_len(value: str) -> int:
     return result
 
 
+def _sim_version() -> str:
+    from fleet.version import version  # the project's version (vllm-sim ships in it)
+
+    return version()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vllm serve",
@@ -54,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     bool_flag = argparse.BooleanOptionalAction
+    p.add_argument("--version", action="version", version=f"vllm-sim {_sim_version()} "
+                   f"(vllm-fleet), simulating vLLM {VLLM_VERSION}")
     p.add_argument("model_tag", nargs="?", default=None, help="the model (same as --model)")
     p.add_argument("--model", default=None)
     p.add_argument("--served-model-name", nargs="+", default=None)

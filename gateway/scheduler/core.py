@@ -14,7 +14,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from gateway.scheduler import explain, room
+from gateway.scheduler import explain, room, turns
 from gateway.scheduler.costs import SwitchCosts
 from gateway.scheduler.events import (
     Action,
@@ -22,20 +22,16 @@ from gateway.scheduler.events import (
     Arrive,
     BringUp,
     Done,
-    Drain,
     Event,
     Leave,
     Lost,
     Observed,
-    PutToSleep,
     Reject,
     Residency,
     SleepDone,
-    StartSwitch,
     SwitchDone,
     SwitchFailed,
     Tick,
-    Undrain,
 )
 from gateway.scheduler.model import ModelPolicy, SchedulerConfig, _Model, _Request
 
@@ -57,7 +53,9 @@ class SchedulerCore:
         self.models: dict[str, _Model] = {}
         self._requests: dict[int, _Request] = {}
         self._deadlines: list[tuple[float, int]] = []
-        self.op: tuple[str, str, float] | None = None  # (switch|sleep, model, started)
+        # The fleet operation under way per group (one host, or one Swarm node): (switch or
+        # sleep, model, started). Groups take turns independently of each other.
+        self.ops: dict[str, tuple[str, str, float]] = {}
         self.switch_reason = ""
         self._wake: float | None = None
         self._cold_before: dict[str, Residency] = {}
@@ -181,8 +179,8 @@ class SchedulerCore:
 
     def _switch_done(self, ev: SwitchDone, out: list[Action]) -> None:
         now = ev.now
-        self.op = None
         m = self.models.get(ev.target)
+        group = self._end_op(m)
         kind = BringUp.CREATE
         if m is not None:
             kind = BringUp.of(self._cold_before.get(ev.target, Residency.ABSENT))
@@ -197,7 +195,8 @@ class SchedulerCore:
                 self.costs.record_evict(name, ev.evict_seconds / len(ev.evicted))
         # Models marked evicting that the fleet did not report: trust the plan.
         for e in self.models.values():
-            if e.state is Residency.EVICTING and e.policy.name not in ev.evicted:
+            if (e.state is Residency.EVICTING and e.policy.name not in ev.evicted
+                    and e.policy.group == group):
                 self._set(e, e.policy.evicts_to, now)
         self.switching_seconds += ev.seconds + ev.evict_seconds
         if self.history and self.history[-1].get("target") == ev.target:
@@ -207,55 +206,63 @@ class SchedulerCore:
 
     def _switch_failed(self, ev: SwitchFailed, out: list[Action]) -> None:
         now = ev.now
-        self.op = None
         m = self.models.get(ev.target)
+        group = self._end_op(m)
         if m is not None:
             self._set(m, ev.observed.get(ev.target, Residency.STOPPED), now)
-            message = (f"Model `{ev.target}` is not awake and could not be brought up: "
-                       f"{ev.reason}")
-            for req in list(m.queue.values()):
-                self._drop(req)
-                out.append(Reject(req.rid, req.model, ev.status, message,
-                                  self._retry_after(m, now)))
+        # The fleet's reason (container logs, addresses) is for the operator: the log and
+        # /admin/status (`history`) have it, the callers get what they need.
+        message = (f"Model `{ev.target}` is not awake and could not be brought up; retry later, "
+                   f"and if it persists ask the operator (the gateway's log and /admin/status "
+                   f"have the fleet's reason).")
+        wait = self._retry_after(m, now) if m is not None else 1
+        for req in [] if m is None or ev.retry else list(m.queue.values()):
+            self._drop(req)
+            out.append(Reject(req.rid, req.model, ev.status, message, wait))
         for e in self.models.values():
-            if e.state is Residency.EVICTING:
+            if e.state is Residency.EVICTING and e.policy.group == group:
                 self._set(e, ev.observed.get(e.policy.name, Residency.STOPPED), now)
+        self._believe(ev.observed, now)
         if self.history and self.history[-1].get("target") == ev.target:
             self.history[-1].update(result="failed", error=ev.reason)
         self._schedule(now, out)
 
     def _sleep_done(self, ev: SleepDone, out: list[Action]) -> None:
-        self.op = None
         m = self.models.get(ev.model)
+        self._end_op(m)
         if m is not None and m.state is Residency.EVICTING:
             self._set(m, ev.state if ev.ok else Residency.AWAKE, ev.now)
         self._schedule(ev.now, out)
 
     def _observed(self, ev: Observed, out: list[Action]) -> None:
-        for name, state in ev.states.items():
+        self._believe(ev.states, ev.now)
+        self._schedule(ev.now, out)
+
+    def _believe(self, states: Mapping[str, Residency], now: float) -> None:
+        for name, state in states.items():
             m = self.models.get(name)
             if m is None or not m.policy.shared:
                 continue
             if m.state in (Residency.ACTIVATING, Residency.EVICTING):
                 continue  # ours, in progress
             if state.holds and not m.state.holds:
-                self._set(m, Residency.AWAKE, ev.now)
-                m.resident_since = ev.now
+                self._set(m, Residency.AWAKE, now)
+                m.resident_since = now
             elif state.cold and m.state.holds and m.in_flight == 0:
-                self._set(m, state, ev.now)
+                self._set(m, state, now)
             elif state.cold and m.state.cold:
                 m.state = state
-        self._schedule(ev.now, out)
 
     # -- the decision ---------------------------------------------------------------------
     def _schedule(self, now: float, out: list[Action]) -> None:
         self._wake = None
         self._expire(now, out)
-        self._time_share(now, out)
+        for group in {m.policy.group for m in self.models.values()}:
+            turns.time_share(self, group, now, out)
         for m in self.models.values():
             if m.state is Residency.AWAKE and m.queue:
                 self._admit(m, now, out)
-        self._idle_ttl(now, out)
+        turns.idle_ttl(self, now, out)
         if self._deadlines:
             self._wake_at(self._deadlines[0][0])
 
@@ -283,106 +290,18 @@ class SchedulerCore:
         return any(m.queue and m.state.cold for m in self.models.values() if m.policy.shared)
 
     def _candidates(self, now: float) -> list[_Model]:
-        waiting = [m for m in self.models.values()
-                   if m.policy.shared and m.queue and m.state.cold]
-        return sorted(waiting, key=lambda m: (-(now - m.oldest()) * m.policy.priority,
-                                              m.oldest(), m.policy.name))
-
-    def _time_share(self, now: float, out: list[Action]) -> None:
-        plan: tuple[_Model, tuple[_Model, ...]] | None = None
-        for x in self._candidates(now):
-            found = room.eviction_set(self, x)
-            if isinstance(found, str):  # can never fit: say so to everyone waiting for it
-                for req in list(x.queue.values()):
-                    self._drop(req)
-                    out.append(Reject(req.rid, req.model, 503, found, 60))
-                continue
-            if found is not None:
-                plan = (x, found)
-            break  # strict order: only the longest-waiting model is served next
-        keep = {e.policy.name for e in plan[1]} if plan else set()
-        for m in self.models.values():
-            if m.state is Residency.DRAINING and m.policy.name not in keep:
-                self._set(m, Residency.AWAKE, now)
-                out.append(Undrain(m.policy.name, "no rival waits for its room any more"))
-        if plan is None:
-            return
-        x, evict = plan
-        ready = True
-        for e in evict:
-            if e.in_flight == 0 and (not e.queue or e.state is Residency.DRAINING):
-                until = self._lingers(e, x, now)
-                if until is not None:  # its clients may be about to send again
-                    ready = False
-                    self._wake_at(until)
-                continue  # idle, or drained: ready to go
-            ready = False  # it has work: in flight, or queued requests it would serve
-            if self.config.policy == "drain-wait" or e.state is Residency.DRAINING:
-                continue  # the old behaviour waits for idleness; a draining one finishes
-            expires = e.resident_since + self.quantum(e, x)
-            if now < expires:
-                self._wake_at(expires)
-                continue
-            e.drain_reason = (f"held the resource {now - e.resident_since:.0f} s (quantum "
-                              f"{self.quantum(e, x):.0f} s) while `{x.policy.name}` waits")
-            self._set(e, Residency.DRAINING, now)
-            out.append(Drain(e.policy.name, e.drain_reason))
-            ready = ready and e.in_flight == 0
-        if ready and self.op is None:
-            self._start_switch(x, evict, now, out)
-
-    def _start_switch(self, x: _Model, evict: Sequence[_Model], now: float,
-                      out: list[Action]) -> None:
-        kind = BringUp.of(x.state)
-        self._cold_before[x.policy.name] = x.state
-        waited = now - x.oldest()
-        reason = (f"{len(x.queue)} request(s) waiting, oldest {waited:.1f} s"
-                  + (f"; evicting {', '.join(e.policy.name for e in evict)}" if evict else ""))
-        for e in evict:
-            self._set(e, Residency.EVICTING, now)
-        self._set(x, Residency.ACTIVATING, now)
-        self.op = ("switch", x.policy.name, now)
-        key = "evict" if evict else "free"
-        self.switches[key] = self.switches.get(key, 0) + 1
-        self.history.append({"at": now, "target": x.policy.name, "kind": str(kind),
-                             "evicted": [e.policy.name for e in evict], "reason": reason,
-                             "result": "running"})
-        del self.history[:-20]
-        out.append(StartSwitch(x.policy.name, tuple(e.policy.name for e in evict), kind, reason))
-
-    def _lingers(self, e: _Model, x: _Model, now: float) -> float | None:
-        """Until when an idle awake `e` keeps the resource for `x`: an answer ended less than
-        `idle_grace` ago and its quantum is not over (a client sending back to back leaves a
-        gap of its round trip between an answer and its next request: not idleness)."""
-        grace = self.config.idle_grace
-        if self.config.policy != "fair" or grace <= 0 or e.state is not Residency.AWAKE \
-                or e.last_done <= e.resident_since:
-            return None
-        until = min(e.last_done + grace, e.resident_since + self.quantum(e, x))
-        return until if now < until else None
+        return turns.candidates(self, now)
 
     def quantum(self, holder: _Model, waiting: _Model) -> float:
         """How long `holder` may keep the resource while `waiting` waits."""
         return room.quantum(self, holder, waiting)
 
-    def _idle_ttl(self, now: float, out: list[Action]) -> None:
-        if self.op is not None:
-            return
-        for m in self.models.values():
-            ttl = m.policy.ttl
-            if (ttl is None or not m.policy.shared or m.policy.pinned or m.queue
-                    or m.in_flight or m.state is not Residency.AWAKE):
-                continue
-            idle_since = max(m.last_done, m.resident_since)
-            if now >= idle_since + ttl:  # the same sum as the wake-up below (rounding)
-                self._set(m, Residency.EVICTING, now)
-                self.op = ("sleep", m.policy.name, now)
-                out.append(PutToSleep(m.policy.name, f"idle for {now - idle_since:.0f} s "
-                                                     f"(ttl {ttl:g} s)"))
-                return
-            self._wake_at(idle_since + ttl)
-
     # -- helpers --------------------------------------------------------------------------
+    def _end_op(self, m: _Model | None) -> str:
+        group = m.policy.group if m is not None else ""
+        self.ops.pop(group, None)
+        return group
+
     def _set(self, m: _Model, state: Residency, now: float) -> None:
         if m.state.holds and not state.holds:
             self.resident_seconds[m.policy.name] = (

@@ -98,6 +98,7 @@ class SwitchFailed:
     reason: str
     status: int = 503
     observed: Mapping[str, Residency] = field(default_factory=dict)
+    retry: bool = False  # the fleet saw another world than the core: keep the queue, replan
 
 
 @dataclass(frozen=True)

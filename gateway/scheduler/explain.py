@@ -98,7 +98,7 @@ def snapshot(core: SchedulerCore, now: float) -> dict[str, object]:
         models[name] = entry
     return {
         "policy": core.config.policy,
-        "switching": core.op[1] if core.op else None,
+        "switching": sorted(op[1] for op in core.ops.values() if op[0] == "switch"),
         "models": models,
         "switches": list(core.history),
         "switch_costs": core.costs.measured(),

@@ -27,6 +27,7 @@ class ModelPolicy:
     quantum: float | None = None    # override of the computed quantum
     ttl: float | None = None        # idle seconds before it is put to sleep
     evicts_to: Residency = Residency.STOPPED  # ASLEEP for a sleep-mode model
+    group: str = ""                 # where it holds the resource: "" (one host) or a node
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 def eviction_set(core: SchedulerCore, x: _Model) -> tuple[_Model, ...] | str | None:
     """The models to evict for `x`; a sentence when `x` can never fit; None when it cannot
     fit now (models being brought up are in the way): wait."""
-    holding = [m for m in core.models.values() if m.policy.shared and m.state.holds]
+    holding = [m for m in core.models.values()
+               if m.policy.shared and m.state.holds and m.policy.group == x.policy.group]
     names = frozenset(m.policy.name for m in holding)
     target = x.policy.name
     if not core.fits(names | {target}):

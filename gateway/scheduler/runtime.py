@@ -22,6 +22,8 @@ from typing import Any
 
 import anyio
 
+from fleet.cluster import planning_node
+from fleet.errors import PlacementRefused
 from fleet.placement import check_placement
 from fleet.registry import Registry
 from gateway import errors
@@ -51,13 +53,28 @@ from gateway.scheduler.events import (
 )
 from gateway.scheduler.model import ModelPolicy, SchedulerConfig
 from gateway.settings import GatewaySettings
+from gateway.sleepcheck import SleepCheck
 from gateway.state import RoutingState
 
 log = logging.getLogger("gateway.scheduler")
 
 _STATES = {"healthy": Residency.AWAKE, "running": Residency.AWAKE, "loading": Residency.AWAKE,
-           "sleeping": Residency.ASLEEP, "stopped": Residency.STOPPED,
-           "absent": Residency.ABSENT}
+           "drifted": Residency.AWAKE, "sleeping": Residency.ASLEEP,
+           "stopped": Residency.STOPPED, "absent": Residency.ABSENT}
+
+
+def _states(rows: Iterable[Any]) -> dict[str, Residency]:
+    """Model -> residency from the fleet's status rows (one per replica: `name`, `state`);
+    a model is awake when any of its replicas is."""
+    states: dict[str, Residency] = {}
+    for row in rows:
+        state = _STATES.get(str(getattr(row, "state", "")))
+        name = getattr(row, "name", None) or getattr(row, "model", None)
+        if state is None or not isinstance(name, str):
+            continue
+        if states.get(name) is not Residency.AWAKE:
+            states[name] = state
+    return states
 
 
 @dataclass(frozen=True)
@@ -81,7 +98,9 @@ def policies(registry: Registry, settings: GatewaySettings, shared: bool) -> lis
             switch_timeout=settings.activation_timeout,
             priority=spec.priority, pinned=spec.pinned, quantum=spec.quantum,
             ttl=spec.ttl if spec.managed else None,
-            evicts_to=Residency.ASLEEP if spec.sleep_mode else Residency.STOPPED))
+            evicts_to=Residency.ASLEEP if spec.sleep_mode else Residency.STOPPED,
+            # on a Swarm each node takes its own turns (one host: one group)
+            group=(planning_node(registry.nodes, spec) or "") if registry.swarm else ""))
     return out
 
 
@@ -125,13 +144,22 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_action: Callable[[Action], None] | None = None  # metrics, dashboards
+        self.sleep_check: SleepCheck | None = None  # set by create_app
 
     # -- the Admitter protocol ------------------------------------------------------------
     async def admit(self, state: RoutingState, route: Route) -> Ticket:
+        m = self.core.models.get(route.model)
+        if (self.sleep_check is not None and m is not None and m.policy.shared
+                and m.state is Residency.AWAKE and m.policy.evicts_to is Residency.ASLEEP
+                and await self.sleep_check.asleep(route, True)):
+            # put to sleep behind the gateway's back (vLLM would hold the request): say so
+            self.apply(self.core.handle(Observed(self.clock(), {route.model: Residency.ASLEEP})))
         now = self.clock()
         rid = next(self._rids)
         actions = self.core.handle(Arrive(now, rid, route.model))
         if len(actions) == 1 and isinstance(actions[0], Admit) and actions[0].rid == rid:
+            if self.on_action is not None:
+                self.on_action(actions[0])
             self._rearm()
             return Ticket(self, rid, route.model, now)  # the fast path
         return await self._wait(rid, route.model, now, actions)
@@ -165,16 +193,13 @@ class Scheduler:
     def observe(self, statuses: Iterable[Any]) -> None:
         """The fleet's status rows (fleet.report.ModelStatus): models not in a transition the
         scheduler started take the state the fleet sees."""
-        states: dict[str, Residency] = {}
-        for row in statuses:
-            state = _STATES.get(str(getattr(row, "state", "")))
-            name = getattr(row, "model", None)
-            if state is None or name is None:
-                continue
-            # a model with several replicas is awake when any replica is
-            if states.get(name) is not Residency.AWAKE:
-                states[name] = state
-        self.apply(self.core.handle(Observed(self.clock(), states)))
+        self.apply(self.core.handle(Observed(self.clock(), _states(statuses))))
+
+    async def refresh(self) -> None:
+        """Read the fleet's state now (after an admin switch, wake or sleep)."""
+        states = await self._fleet_states()
+        if states:
+            self.apply(self.core.handle(Observed(self.clock(), states)))
 
     async def observe_loop(self, interval: float) -> None:
         while True:
@@ -271,14 +296,22 @@ class Scheduler:
                 abandon_on_cancel=True)
         except Exception as exc:
             reason = str(exc).strip() or type(exc).__name__
-            log.warning("switch to %s failed: %s", action.target, reason)
-            event = SwitchFailed(self.clock(), action.target, reason)
+            observed = await self._fleet_states() if isinstance(exc, PlacementRefused) else {}
+            retry = any(state.holds and not self.core.models[name].state.holds
+                        for name, state in observed.items() if name in self.core.models)
+            log.warning("switch to %s failed%s: %s", action.target,
+                        " (the fleet saw other models awake: replanning)" if retry else "",
+                        reason)
+            event = SwitchFailed(self.clock(), action.target, reason, observed=observed,
+                                 retry=retry)
         else:
             timings = getattr(report, "timings", None) or {}
             total = self.clock() - started
             evict = float(timings.get("evict", 0.0))
             bring_up = max(0.0, float(timings.get("total", total)) - evict)
             activator.asleep.discard(action.target)
+            if self.sleep_check is not None:
+                self.sleep_check.forget(action.target)
             activator.activations += 1
             evicted = {m: self.core.models[m].policy.evicts_to for m in action.evict
                        if m in self.core.models}
@@ -288,6 +321,19 @@ class Scheduler:
             log.info("switched to %s in %.1f s (evict %.1f s)", action.target, total, evict)
             event = SwitchDone(self.clock(), action.target, bring_up, evicted, evict)
         self.apply(self.core.handle(event))
+
+    async def _fleet_states(self) -> dict[str, Residency]:
+        """The fleet's view, after it refused a placement: the core may have believed a model
+        asleep that is awake (before the first observation, or after `fleet switch` from the
+        host). The failure carries it to the core, which replans with it."""
+        activator = self._activator()
+        status = getattr(activator.fleet, "status", None) if activator else None
+        if status is None:
+            return {}
+        try:
+            return _states(await anyio.to_thread.run_sync(status, abandon_on_cancel=True))
+        except Exception:
+            return {}
 
     async def _sleep(self, action: PutToSleep) -> None:
         activator = self._activator()
@@ -308,10 +354,4 @@ class Scheduler:
 def _ensure_awake(activator: Activator, model: str, timeout: float,
                   evict: tuple[str, ...]) -> object:
     """The fleet brings `model` up, evicting only `evict` (drained by the scheduler)."""
-    fleet = activator.fleet
-    try:
-        return fleet.ensure_awake(model, timeout=timeout, evict=evict)  # type: ignore[call-arg]
-    except TypeError as exc:  # a fleet port without `evict` (older clients, fakes)
-        if "evict" not in str(exc):
-            raise
-        return fleet.ensure_awake(model, timeout=timeout)
+    return activator.fleet.ensure_awake(model, timeout=timeout, evict=evict)

@@ -2,6 +2,7 @@
 raw-socket HTTP, and the rule that tells the gateway's own answers from upstream ones.
 
     fds, rss = open_fds(pid), rss_kib(pid)           # /proc gauges of a process
+    cpu = cpu_seconds(pid)                            # user + system CPU time so far
     wait_for(lambda: running(sim) == 0, 5, "no request running")
     verdict = judge(status, headers, body)            # None if acceptable, else why not
 """
@@ -45,6 +46,13 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds process `pid` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for(probe: Callable[[], T], deadline_s: float, what: str,
@@ -96,16 +104,18 @@ def from_upstream(status: int, headers: Mapping[str, str], body: bytes) -> bool:
             and headers.get("content-type", "").startswith("text/plain"))
 
 
-def judge(status: int, headers: Mapping[str, str], body: bytes, head: bool = False) -> str | None:
+def judge(status: int, headers: Mapping[str, str], body: bytes, head: bool = False,
+          own_5xx: bool = False) -> str | None:
     """None if the answer is acceptable for any input, else what is wrong with it.
 
     Relayed upstream answers may have any status (an upstream 5xx passes through). The
     gateway's own answers (to `head`: a HEAD request, bodies may be empty) never have a 5xx status (the upstream is healthy in these tests),
-    are JSON, and errors have vLLM's shape with `code` equal to the status.
+    are JSON, and errors have vLLM's shape with `code` equal to the status. `own_5xx`: a 5xx
+    of the gateway's own is expected (e.g. a limit's 503), judged by its shape only.
     """
     if from_upstream(status, headers, body):
         return None
-    if status >= 500:
+    if status >= 500 and not own_5xx:
         return f"the gateway itself answered {status}: {body[:300]!r}"
     if head and not body:
         return None  # HEAD: headers only
@@ -182,3 +192,87 @@ def _dechunk(body: bytes) -> bytes:
             break
         out, rest = out + rest[:size], rest[size + 2:]
     return out
+
+
+def read_until_closed(sock: socket.socket, deadline_s: float) -> tuple[bytes, float]:
+    """Everything `sock` receives until the peer closes it, and how long that took; fails
+    if it is still open after `deadline_s` seconds."""
+    started = time.monotonic()
+    data = b""
+    sock.settimeout(0.05)
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            if time.monotonic() - started > deadline_s:
+                raise AssertionError(f"the connection is still open after {deadline_s} s "
+                                     f"(received {data[:200]!r})") from None
+            continue
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return data, time.monotonic() - started
+        data += chunk
+
+
+def health_seconds(base_url: str) -> float:
+    """How long GET /health takes on a fresh connection (it must answer 200)."""
+    started = time.monotonic()
+    resp = httpx.get(base_url + "/health", timeout=10)
+    assert resp.status_code == 200, resp.text
+    return time.monotonic() - started
+
+
+def process_output(process: Any) -> str:
+    """Stop a gateway started by `gateway_factory` and return everything it printed."""
+    process.terminate()
+    out, _ = process.communicate(timeout=20)
+    return out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+
+
+class RawUpstream:
+    """A loopback server that reads each request's head and answers `reply` bytes as they
+    are (e.g. garbage instead of HTTP), then closes: an upstream that misbehaves.
+
+        with RawUpstream(b"ZZZZ not http\\r\\n\\r\\n") as up:
+            registry = f'[models.bad]\\nurl = "{up.base_url}"\\n'
+    """
+
+    def __init__(self, reply: bytes) -> None:
+        import threading
+
+        self.reply = reply
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> RawUpstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(self.reply)
+                except OSError:
+                    pass

@@ -1,0 +1,306 @@
+"""Serving the gateway: uvicorn with the connection-level limits its HTTP parser lacks.
+
+uvicorn's httptools protocol accepts a request head of any size (httptools joins a header's
+pieces with `bytes +=`, so a 96 MB header costs seconds of CPU), any number of header
+fields, connections that never send a byte, and as many connections as the kernel gives it.
+`GuardedHttpTools` (a small subclass, one per server, made by `protocol_class`) adds:
+
+- a byte budget for the request line and headers, checked *before* the parser sees the
+  bytes: beyond `max_header_bytes` the answer is 431 and the connection is closed;
+- a field count checked once the head is parsed (bounded by the byte budget): beyond
+  `max_header_count`, 431;
+- a header-read deadline: a connection gets `header_timeout` seconds from its start (or,
+  on a kept-alive connection, from the next request's first byte) to complete the head;
+  then it is closed (with 408 when part of a head had arrived);
+- a cap on open client connections: at `max_client_connections` a new connection closes
+  the oldest idle one (waiting for a request head, or kept alive between requests), and
+  when none is idle it gets 503 with Retry-After. Requests in progress are never closed.
+
+What it costs per request: four short Python methods (no timer: one sweep per server every
+`header_timeout / 4` seconds, at most 1 s, checks the waiting connections) and two dict
+operations; `benchmarks/limits_cost.py` measures it. Per body chunk it costs one `is None`
+check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import uuid
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway import errors
+from gateway.settings import GatewaySettings, env_name
+
+log = logging.getLogger("gateway.server")
+
+# Descriptors kept for everything but client connections: the upstream pools, the log, the
+# registry file, the event loop's own.
+_RESERVED_FDS = 64
+# A refused head's connection reads and drops this much more, for at most this long, before
+# it closes (see GuardedHttpTools._refuse_head).
+_LINGER_BYTES = 4 * 1024 * 1024
+_LINGER_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_header_bytes: int = 64 * 1024
+    max_header_count: int = 100
+    header_timeout: float = 10.0
+    max_client_connections: int = 4096
+    retry_after: int = 5
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> ConnectionLimits:
+        return cls(settings.max_header_bytes, settings.max_header_count, settings.header_timeout,
+                   settings.max_client_connections, settings.retry_after)
+
+
+class _Guard:
+    """What the connections of one server share: the limits, the connections waiting for a
+    request head (fresh, or kept alive between requests), oldest first (a dict keeps
+    insertion order: the oldest is the first item), and one sweep that closes those whose
+    head is late. A sweep every `interval` seconds over the waiting connections costs less
+    than a timer armed and cancelled per request."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.idle: dict[GuardedHttpTools, None] = {}
+        self.interval = max(0.05, min(1.0, limits.header_timeout / 4))
+        self._sweep: asyncio.TimerHandle | None = None
+        self.evicted = 0
+        self.refused = 0
+        self.late = 0
+
+    def waiting(self, conn: GuardedHttpTools) -> None:
+        """`conn` waits for a request head from now on (the newest idle connection)."""
+        self.idle[conn] = None
+        if self._sweep is None:
+            self._sweep = conn.loop.call_later(self.interval, self.sweep, conn.loop)
+
+    def sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep = None
+        deadline = loop.time() - self.limits.header_timeout
+        for conn in [c for c in self.idle if c.head_since is not None
+                     and c.head_since <= deadline]:
+            self.late += 1
+            conn.head_late()
+        if self.idle:
+            self._sweep = loop.call_later(self.interval, self.sweep, loop)
+
+    def evict_oldest_idle(self) -> bool:
+        conn = next(iter(self.idle), None)
+        if conn is None:
+            return False
+        del self.idle[conn]
+        self.evicted += 1
+        if not conn.transport.is_closing():
+            conn.transport.close()
+        return True
+
+
+def _response(status: int, message: str, extra: bytes = b"") -> bytes:
+    """A complete HTTP/1.1 answer in vLLM's error shape that closes the connection."""
+    body = errors.error_body(status, message)
+    reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+              503: b"Service Unavailable"}[status]
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\nx-request-id: %s\r\n%s\r\n"
+            % (status, reason, len(body), uuid.uuid4().hex.encode(), extra)) + body
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with head size, field count, head deadline and
+    connection cap (see the module's docstring). `guard` is set by `protocol_class`.
+
+    Per request it adds four short methods and no timer: `data_received` (the head budget;
+    the time the head began), `on_headers_complete` (the field count; no longer waiting),
+    `on_message_complete` (the next head's budget) and `on_response_complete` (waiting
+    again)."""
+
+    guard: ClassVar[_Guard]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_budget: int | None = self.guard.limits.max_header_bytes
+        # When the wait for the current head began (loop time); None: not waiting, or kept
+        # alive with no byte of a next request yet (uvicorn's keep-alive timeout rules then).
+        self.head_since: float | None = None
+        self._refused = False
+        self._lingering = False
+
+    # -- connection ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        guard = self.guard
+        if len(self.connections) >= guard.limits.max_client_connections \
+                and not guard.evict_oldest_idle():
+            self._refused = True
+            self.transport = transport
+            guard.refused += 1
+            transport.write(_response(
+                503, "The gateway has as many open connections as it accepts "
+                     f"({env_name('max_client_connections')}); retry shortly.",
+                b"retry-after: %d\r\n" % guard.limits.retry_after))
+            transport.close()
+            return
+        super().connection_made(transport)
+        self.head_since = self.loop.time()  # a fresh connection owes a head from its start
+        guard.waiting(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.idle.pop(self, None)
+        if self._refused:
+            self.parser = None  # type: ignore[assignment]
+            return
+        super().connection_lost(exc)
+
+    # -- the request head ----------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        budget = self._head_budget
+        if budget is not None:
+            if self.head_since is None:  # the first byte of a kept-alive connection's next head
+                self.head_since = self.loop.time()
+            budget -= len(data)
+            self._head_budget = budget
+            if budget < 0:
+                if self._lingering:  # refused: what else arrives is read and dropped
+                    if budget < -_LINGER_BYTES:
+                        self.transport.close()
+                    return
+                if not _head_ends_within(data, len(data) + budget):
+                    self._refuse_head(431, "The request line and headers exceed the gateway's "
+                                           f"limit of {self.guard.limits.max_header_bytes} "
+                                           f"bytes ({env_name('max_header_bytes')}). Send "
+                                           f"fewer or smaller headers.")
+                    return
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._head_budget = None
+        self.head_since = None
+        guard = self.guard
+        guard.idle.pop(self, None)
+        limit = guard.limits.max_header_count
+        if len(self.headers) > limit:
+            app = self.app
+            self.app = _too_many_headers(len(self.headers), limit)
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_budget = self.guard.limits.max_header_bytes  # the next request's head
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.pipeline and not self.transport.is_closing():
+            if self._head_budget == self.guard.limits.max_header_bytes:
+                self.head_since = None  # idle: uvicorn's keep-alive timeout applies
+            self.guard.waiting(self)
+
+    def head_late(self) -> None:
+        """The head did not complete within the header timeout: 408 if part of one came,
+        else close without a word."""
+        self.guard.idle.pop(self, None)
+        self.head_since = None
+        transport = self.transport
+        if transport.is_closing():
+            return
+        budget = self._head_budget
+        if budget is not None and budget < self.guard.limits.max_header_bytes:
+            transport.write(_response(
+                408, f"The request line and headers did not arrive within "
+                     f"{self.guard.limits.header_timeout:g} s ({env_name('header_timeout')})."))
+        transport.close()
+
+    def _refuse_head(self, status: int, message: str) -> None:
+        """Answer and close. The close lingers (up to _LINGER_SECONDS or _LINGER_BYTES
+        more): closing a socket with unread input sends a reset, which can destroy the
+        answer before a client still sending its head has read it."""
+        self.guard.idle.pop(self, None)
+        self.head_since = None
+        log.info("refused a request head from %s: %s", _peer(self.client), message)
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(_response(status, message))
+        self._lingering = True
+        self._head_budget = 0
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(_LINGER_SECONDS, transport.close)
+
+
+def _head_ends_within(data: bytes, allowed: int) -> bool:
+    """Whether the head ends (CRLF CRLF) within the first `allowed` bytes of `data` (the
+    rest is body: a head that fits may arrive with its body in one read)."""
+    end = data.find(b"\r\n\r\n", 0, max(allowed, 0))
+    return end != -1
+
+
+def _too_many_headers(count: int, limit: int) -> Any:
+    message = (f"The request has {count} header fields; the gateway accepts {limit} "
+               f"({env_name('max_header_count')}). Send fewer headers.")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        log.info("refused a request with %d header fields", count)
+        await errors.GatewayError(431, message).response(
+            {"connection": "close", "x-request-id": uuid.uuid4().hex})(scope, receive, send)
+
+    return app
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+def protocol_class(limits: ConnectionLimits) -> type[GuardedHttpTools]:
+    """A protocol class for one server (its connections share one guard)."""
+    return type("GuardedHttpTools", (GuardedHttpTools,), {"guard": _Guard(limits)})
+
+
+def fit_descriptors(wanted_connections: int) -> int:
+    """Raise the soft open-file limit toward what `wanted_connections` needs (each proxied
+    request holds a client and an upstream socket); return how many client connections fit
+    in the limit there is (the cap is lowered to that, with a warning, never silently
+    exceeded)."""
+    needed = 2 * wanted_connections + _RESERVED_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted_connections
+    fits = max(1, (soft - _RESERVED_FDS) // 2)
+    log.warning("open-file limit %d fits %d client connections, not %d "
+                "(GATEWAY_MAX_CLIENT_CONNECTIONS): the cap is lowered to %d; raise the limit "
+                "(ulimit -n) to allow more", soft, fits, wanted_connections, fits)
+    return fits
+
+
+def serve(app: Any, settings: GatewaySettings, *, graceful_shutdown: int = 30) -> None:
+    """Run `app` with uvicorn (uvloop when installed) behind the connection limits."""
+    import uvicorn
+
+    limits = ConnectionLimits.from_settings(settings)
+    fits = fit_descriptors(limits.max_client_connections)
+    if fits < limits.max_client_connections:
+        limits = ConnectionLimits(limits.max_header_bytes, limits.max_header_count,
+                                  limits.header_timeout, fits, limits.retry_after)
+    # GATEWAY_ACCESS_LOG: the gateway writes its own lines (with the request id and model).
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, loop="auto", http=protocol_class(limits),
+                timeout_graceful_shutdown=graceful_shutdown)
