@@ -166,6 +166,9 @@ def summarize(run: Run) -> dict[str, object]:
             "wait_p50": _r(percentile(waits, 0.5)), "wait_p95": _r(percentile(waits, 0.95)),
             "wait_max": _r(max(waits) if waits else None),
         }
+        errors = [f"{r['status']}: {r['error']}" for r in mine if r.get("error")]
+        if errors:  # gateway mode: what the first failures said
+            per[name]["errors"] = errors[:3]
     ends = [float(r["end"]) for r in run.requests if r["end"] is not None]  # type: ignore[arg-type]
     makespan = max(ends) if ends else 0.0
     switching = sum(e - s for s, e, _ in run.switches)

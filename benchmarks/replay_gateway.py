@@ -40,6 +40,7 @@ from benchmarks.replay import (
     oracle,
     wait_bound,
 )
+from fleet.errors import ModelsBusy
 from fleet.registry import parse_registry
 from gateway.app import create_app
 from gateway.scheduler.replay import SimModel
@@ -96,12 +97,9 @@ class _Sim:
         self.log.close()
 
 
-class _Busy(Exception):
-    """The old fleet's refusal to evict a model with requests (drain-wait retries on it)."""
-
-    def __init__(self, models: list[str]) -> None:
-        super().__init__(f"{', '.join(models)} busy")
-        self.violations = [type("Violation", (), {"kind": "busy"})()]
+def _Busy(models: list[str]) -> ModelsBusy:
+    """The fleet's refusal to evict a model with requests (drain-wait retries on it)."""
+    return ModelsBusy(f"{', '.join(models)} busy", ())
 
 
 class _Report:
@@ -246,10 +244,15 @@ async def run_gateway(trace: Trace, policy: str) -> Run:
                         "stream": True}
                 try:
                     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                        async for _ in r.aiter_raw():
+                        head = b""
+                        async for chunk in r.aiter_raw():
                             if entry["ttfb"] is None:
                                 entry["ttfb"] = rel() - sent
+                            if len(head) < 300:
+                                head += chunk
                         entry["status"] = r.status_code
+                        if r.status_code != 200:
+                            entry["error"] = head[:300].decode(errors="replace")
                 except httpx.HTTPError as exc:
                     entry["status"], entry["error"] = 599, repr(exc)
                 entry["end"] = rel()
