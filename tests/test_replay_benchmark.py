@@ -30,7 +30,9 @@ def test_sim_mode_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> No
             assert set(m) == {"sent", "answered", "429", "503", "other", "wait_p50",
                               "wait_p95", "wait_max"}
             assert m["answered"] + m["429"] + m["503"] + m["other"] == m["sent"]
-        assert r["makespan_s"] >= r["oracle_s"] > 0  # the oracle is a lower bound
+        assert r["oracle_s"] > 0
+        if r["all_answered"]:  # the oracle is a lower bound (it counts every request answered)
+            assert r["makespan_s"] >= r["oracle_s"]
         assert 0 <= r["switching_share"] <= 1
         assert r["violations"] == []
         assert isinstance(r["within_bound"], bool)
