@@ -122,8 +122,11 @@ def test_chat_completions_and_models_through_the_gateway(stack: Stack) -> None:
     chunks = list(client.chat.completions.create(model="tiny-a", messages=MSG, max_tokens=6,
                                                  stream=True))
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
-    states = {m.id: m.model_extra["state"] for m in client.models.list()}
+    listed = client.models.list().data
+    states = {m.id: m.model_extra["state"] for m in listed if not m.model_extra.get("alias_of")}
     assert states == {"tiny-a": "ready", "tiny-b": "unreachable"}
+    aliases = {m.id: m.model_extra["alias_of"] for m in listed if m.model_extra.get("alias_of")}
+    assert aliases["gpt-4o-mini"] == "tiny-a" and aliases["tiny-stream"] == "tiny-b"
 
 
 def test_on_demand_activation_switches_to_the_requested_model(stack: Stack) -> None:
