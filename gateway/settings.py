@@ -108,6 +108,10 @@ class GatewaySettings(BaseSettings):
     switch_share: float = Field(
         default=0.2, gt=0, lt=1, description="quantum = switch cost x (1-share)/share: switching "
         "takes at most this share of the time")
+    idle_grace: float = Field(
+        default=0.25, ge=0, description="seconds an idle model within its quantum keeps the "
+        "resource after its last answer while a rival waits (a client sending back to back "
+        "leaves a gap of its round trip)")
     observe_interval: float = Field(
         default=5.0, gt=0, description="seconds between reads of the fleet's state (sees `fleet "
         "switch` from the host)")

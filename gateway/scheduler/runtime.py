@@ -138,7 +138,8 @@ class Scheduler:
         self.core = SchedulerCore(
             policies(state.registry, settings, activator() is not None),
             placement(state.registry), now=clock(), config=config or SchedulerConfig(
-                quantum_floor=settings.quantum_floor, switch_share=settings.switch_share))
+                quantum_floor=settings.quantum_floor, switch_share=settings.switch_share,
+                idle_grace=settings.idle_grace))
         self._rids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[Action]] = {}
         self._timer: asyncio.TimerHandle | None = None
