@@ -79,6 +79,9 @@ awk -v dir="$(cd "$(dirname "$REG")" && pwd)" '
     section == "[host]" && /^cpus *=/ { print "cpus = 1"; next }
     /^models_dir *= *"[^\/]/ { sub(/"(\.\/)?/, "\"" dir "/") }
     { print }' "$REG" >"$ONE"
+# Make the one-core world real first: the activation above woke tiny-a beside tiny-b (two
+# cores); tiny-b goes to sleep so that tiny-a alone holds the core.
+fleet --host-cpus 1 sleep tiny-b || die "putting tiny-b to sleep failed"
 fleet --host-cpus 1 switch tiny-a || die "switch to tiny-a failed"
 PORT1=$((PORT + 1))
 GATEWAY_SCHEDULER=fair nohup "$PY" -m gateway --registry "$ONE" --port "$PORT1" \
