@@ -1,6 +1,8 @@
 """The simulator's ASGI application: vLLM 0.32.0's OpenAI server as seen from outside.
 
-A raw ASGI app (no framework on the hot path). Routes:
+A raw ASGI app (no framework on the hot path). It stays one module of about 450 lines on
+purpose: it is vLLM's route table, one handler per endpoint, and reads as the contract the
+simulator keeps (tests/support/contract.py); the engine and rendering live beside it. Routes:
 
 - vLLM's: `GET /health`, `GET /ping`, `GET /version`, `GET /load`, `GET /metrics`,
   `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`,
