@@ -191,11 +191,6 @@ class Scheduler:
         self.apply(self.core.set_models(policies(registry, self.settings, shared),
                                         placement(registry), now=self.clock()))
 
-    def observe(self, statuses: Iterable[Any]) -> None:
-        """The fleet's status rows (fleet.report.ModelStatus): models not in a transition the
-        scheduler started take the state the fleet sees."""
-        self.apply(self.core.handle(Observed(self.clock(), _states(statuses))))
-
     async def refresh(self) -> None:
         """Read the fleet's state now (after an admin switch, wake or sleep)."""
         states = await self._fleet_states()
@@ -204,14 +199,7 @@ class Scheduler:
 
     async def observe_loop(self, interval: float) -> None:
         while True:
-            activator = self._activator()
-            status = getattr(activator.fleet, "status", None) if activator else None
-            if status is not None:
-                try:
-                    rows = await anyio.to_thread.run_sync(status, abandon_on_cancel=True)
-                    self.observe(rows)
-                except Exception as exc:  # the engine may be away for a while
-                    log.debug("fleet status failed: %s", exc)
+            await self.refresh()
             await asyncio.sleep(interval)
 
     async def aclose(self) -> None:
@@ -324,16 +312,18 @@ class Scheduler:
         self.apply(self.core.handle(event))
 
     async def _fleet_states(self) -> dict[str, Residency]:
-        """The fleet's view, after it refused a placement: the core may have believed a model
-        asleep that is awake (before the first observation, or after `fleet switch` from the
-        host). The failure carries it to the core, which replans with it."""
+        """The fleet's view (empty when it cannot tell): read every `observe_interval`, after
+        an admin action, and after a refused placement (the core may have believed a model
+        asleep that is awake: before the first observation, or after `fleet switch` from the
+        host)."""
         activator = self._activator()
         status = getattr(activator.fleet, "status", None) if activator else None
         if status is None:
             return {}
         try:
             return _states(await anyio.to_thread.run_sync(status, abandon_on_cancel=True))
-        except Exception:
+        except Exception as exc:  # the engine may be away for a while
+            log.debug("fleet status failed: %s", exc)
             return {}
 
     async def _sleep(self, action: PutToSleep) -> None:
