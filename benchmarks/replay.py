@@ -8,8 +8,9 @@ Workload traces are open-loop arrival lists (deterministic per seed): each reque
 a model and a service time (in gateway mode: `max_tokens` at the simulator's token pacing).
 Every model needs the one core of the budget (two cannot be awake together), takes 3 s to
 load and serves 4 requests at a time. Each trace is replayed with the old behaviour
-(`drain-wait`) and the scheduler (`fair`), and compared with the oracle lower bound
-(`gateway.scheduler.replay.oracle_bound`). Markdown tables on stdout, then one JSON line
+(`drain-wait`) and the scheduler (`fair`), and compared with the oracle
+(`gateway.scheduler.oracle.optimum`: the exact shortest makespan
+of a schedule that knows the trace in advance). Markdown tables on stdout, then one JSON line
 (`{"benchmark": "replay", ...}`); progress on stderr. See benchmarks/README.md.
 """
 
@@ -24,7 +25,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gateway.scheduler.replay import ClosedLoop, SimModel, SimRequest, oracle_bound, replay
+from gateway.scheduler.oracle import lower_bound, optimum
+from gateway.scheduler.replay import ClosedLoop, SimModel, SimRequest, replay
 
 POLICIES = ("drain-wait", "fair")
 TRACES = ("hot-occasional", "alternating", "round-robin", "bursts")
@@ -194,8 +196,10 @@ def _r(x: float | None) -> float | None:
 
 
 def oracle(trace: Trace, requests: Sequence[dict[str, object]]) -> float:
-    """The oracle lower bound for the arrivals of a run: the trace's open-loop requests plus
-    the requests its closed-loop clients actually sent (each with its trace service time)."""
+    """The oracle for the arrivals of a run (the trace's open-loop requests plus the requests
+    its closed-loop clients actually sent, each with its trace service time): the exact
+    shortest makespan of any schedule that knows them in advance
+    (`gateway.scheduler.oracle.optimum`), never below the cheaper lower bound."""
     service = {loop.model: loop.service for loop in trace.loops}
     sent = list(trace.requests)
     if trace.loops:
@@ -203,7 +207,10 @@ def oracle(trace: Trace, requests: Sequence[dict[str, object]]) -> float:
         sent += [SimRequest(float(r["sent"]), str(r["model"]),  # type: ignore[arg-type]
                             service[str(r["model"])]) for r in requests
                  if str(r["model"]) in service and (r["sent"], r["model"]) not in open_loop]
-    return oracle_bound(sent, trace.models, 1, trace.awake)
+    bound = lower_bound(sent, trace.models, 1, trace.awake)
+    best = optimum(sent, trace.models, trace.awake)
+    assert best >= bound - 1e-9, (best, bound)  # the search can never beat a lower bound
+    return best
 
 
 # -- sim mode ---------------------------------------------------------------------------------

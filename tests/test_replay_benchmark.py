@@ -8,7 +8,8 @@ import json
 import pytest
 
 from benchmarks import replay as bench
-from gateway.scheduler.replay import SimModel, SimRequest, oracle_bound
+from gateway.scheduler.oracle import lower_bound
+from gateway.scheduler.replay import SimModel, SimRequest
 
 pytestmark = pytest.mark.unit
 
@@ -47,14 +48,14 @@ def test_the_traces_are_deterministic_per_seed() -> None:
         assert bench.make_trace(name, 4, 20.0).requests != one.requests or one.loops
 
 
-def test_oracle_bound_counts_service_and_the_fewest_switches() -> None:
+def test_lower_bound_counts_service_and_the_fewest_switches() -> None:
     models = [SimModel("a", load=3.0, evict=0.5, max_concurrency=2),
               SimModel("b", load=2.0, evict=0.5, max_concurrency=2)]
     # all at 0: a (awake) 4 x 1 s over 2 slots = 2 s; b needs an eviction and a load, 1 s
     reqs = [SimRequest(0.0, "a", 1.0)] * 4 + [SimRequest(0.0, "b", 1.0)]
-    assert oracle_bound(reqs, models, 1, awake=["a"]) == pytest.approx(2.0 + 0.5 + 2.0 + 1.0)
+    assert lower_bound(reqs, models, 1, awake=["a"]) == pytest.approx(2.0 + 0.5 + 2.0 + 1.0)
     # room for both: no eviction, service in parallel, b's load before its service
-    assert oracle_bound(reqs, models, 2, awake=["a"]) == pytest.approx(3.0)
+    assert lower_bound(reqs, models, 2, awake=["a"]) == pytest.approx(3.0)
     # a late request for b: at least its arrival, a switch (eviction may happen before), 1 s
     late = [SimRequest(0.0, "a", 1.0), SimRequest(10.0, "b", 1.0), SimRequest(10.0, "a", 1.0)]
-    assert oracle_bound(late, models, 1, awake=["a"]) == pytest.approx(10.0 + 2.0 + 1.0 + 1.0)
+    assert lower_bound(late, models, 1, awake=["a"]) == pytest.approx(10.0 + 2.0 + 1.0 + 1.0)
