@@ -52,3 +52,26 @@ def test_an_idle_holder_still_goes_at_once_when_nobody_comes_back() -> None:
     # b: switch 3.2 s, served until 4.2 s; a: switch back 3.2 s (+ the grace)
     assert a.status == 200 and a.admitted is not None
     assert a.admitted <= 4.2 + 0.25 + 3.2 + 1e-6
+
+
+def test_no_grace_for_clients_that_send_on_their_own_clock() -> None:
+    """Clients that send at their own pace (not right after an answer) get no grace: when
+    their model has nothing to do and a rival waits, the switch starts at once. The grace
+    would only delay every switch (replay benchmark, round robin: 11 switches, 0.25 s each).
+    Before the grace learnt which clients send back to back, the switch to `b` started at
+    a's answer + 0.25 s (3.25 s)."""
+    a_every_2s = [SimRequest(2.0 * i, "a", 1.0) for i in range(3)]
+    result = replay(MODELS, 1, [*a_every_2s, SimRequest(2.5, "b", 1.0)], awake=["a"],
+                    queue_timeout=30.0, switch_timeout=30.0)
+    assert all(o.status == 200 for o in result.outcomes)
+    start, _, target, _ = result.switches[0]
+    # b arrives within a's quantum while a serves its request of 2.0 s (answered at 3.0 s)
+    assert target == "b" and start == pytest.approx(3.0)
+
+
+def test_grace_follows_the_clients_behaviour() -> None:
+    """A model whose clients start back to back is granted the grace; it is learnt from the
+    arrivals (an arrival within the grace of an answer, smoothed), so a single late arrival
+    does not take it away."""
+    result, _share, served_a, worst_b = run(0.01)
+    assert len(result.switches) <= 6 and served_a >= 80 and worst_b < 20.0

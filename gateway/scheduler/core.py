@@ -127,6 +127,10 @@ class SchedulerCore:
             return
         now = ev.now
         m.last_demand = now
+        if m.answered_since_arrival:  # does this request follow an answer back to back?
+            m.answered_since_arrival = False
+            follows = 1.0 if now - m.last_done <= self.config.idle_grace else 0.0
+            m.back_to_back += 0.3 * (follows - m.back_to_back)
         if m.state is Residency.AWAKE and not m.queue and m.has_room():
             req = _Request(ev.rid, ev.model, now, now, admitted=now)
             self._requests[ev.rid] = req
@@ -167,6 +171,7 @@ class SchedulerCore:
             return
         m.in_flight -= 1
         m.last_done = now
+        m.answered_since_arrival = True
         if done:
             m.service += 0.2 * (max(0.0, now - req.admitted) - m.service)
         if m.state is Residency.AWAKE and m.queue and self.config.policy == "drain-wait":

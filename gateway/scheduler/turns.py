@@ -79,11 +79,13 @@ def time_share(core: SchedulerCore, group: str, now: float, out: list[Action]) -
 
 def lingers(core: SchedulerCore, e: _Model, x: _Model, now: float) -> float | None:
     """Until when an idle awake `e` keeps the resource for `x`: an answer ended less than
-    `idle_grace` ago and its quantum is not over (a client sending back to back leaves a gap
-    of its round trip between an answer and its next request: not idleness)."""
+    `idle_grace` ago, its clients have mostly been sending again within that grace of an
+    answer, and its quantum is not over (a client sending back to back leaves a gap of its
+    round trip between an answer and its next request: not idleness; clients that send on
+    their own clock get no grace, which would only delay every switch)."""
     grace = core.config.idle_grace
     if core.config.policy != "fair" or grace <= 0 or e.state is not Residency.AWAKE \
-            or e.last_done <= e.resident_since:
+            or e.last_done <= e.resident_since or e.back_to_back < 0.5:
         return None
     until = min(e.last_done + grace, e.resident_since + core.quantum(e, x))
     return until if now < until else None
