@@ -341,6 +341,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot:  # before minutes of runs, not after them
+        try:
+            from benchmarks.replay_plot import plot
+        except ImportError as exc:
+            print(f"--plot needs matplotlib ({exc}): pip install -e .[bench]", file=sys.stderr)
+            return 2
     traces = args.trace or list(TRACES)
     policies = args.policy or list(POLICIES)
     started = time.monotonic()
@@ -357,11 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs += run_gateway_all(traces, policies, args.duration or 40.0)
     summaries = [summarize(r) for r in runs]
     if args.plot:
-        try:
-            from benchmarks.replay_plot import plot
-        except ImportError as exc:
-            print(f"--plot needs matplotlib ({exc}): pip install -e .[bench]", file=sys.stderr)
-            return 2
         plot([r for r in runs if r.seed == 0], args.plot)
         print(f"timeline plot: {args.plot}", file=sys.stderr)
     if not args.json:
