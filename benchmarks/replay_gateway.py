@@ -59,10 +59,11 @@ def free_port() -> int:
 class _Sim:
     """One simulator process serving `model` on `port`."""
 
-    def __init__(self, model: str, port: int, load_s: float) -> None:
+    def __init__(self, model: str, port: int, load_s: float, ttft_s: float = TTFT_S,
+                 itl_s: float = ITL_S) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_SIM_")}
         env.update(PYTHONPATH=str(REPO), VLLM_SIM_LOAD_SECONDS=str(load_s),
-                   VLLM_SIM_TTFT_MS=str(TTFT_S * 1000), VLLM_SIM_ITL_MS=str(ITL_S * 1000))
+                   VLLM_SIM_TTFT_MS=str(ttft_s * 1000), VLLM_SIM_ITL_MS=str(itl_s * 1000))
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop)
         self.port = port
         self.process = subprocess.Popen(
@@ -114,12 +115,16 @@ class _Row:
 
 class TimeShareFleet:
     """One model awake at a time. `ensure_awake` stops the others (refusing, like the old
-    fleet, when one is busy and no `evict` list is given) and starts the target's simulator;
-    the switches are recorded with their times (seconds on `clock`)."""
+    fleet, when one is busy and no `evict` list is given) and starts the target's simulator
+    (`load_s` to load, then `ttft_s` and `itl_s` per answer); the switches are recorded with
+    their times (seconds on `clock`), and any model evicted with requests in flight. Also the
+    fleet stand-in of tests/test_scheduler_gateway.py."""
 
     def __init__(self, ports: dict[str, int], load_s: float, busy: Callable[[str], bool],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, ttft_s: float = TTFT_S,
+                 itl_s: float = ITL_S) -> None:
         self.ports, self.load_s, self.busy, self.clock = ports, load_s, busy, clock
+        self.ttft_s, self.itl_s = ttft_s, itl_s
         self.lock = threading.Lock()
         self.sims: dict[str, _Sim] = {}
         self.switches: list[tuple[float, float, str]] = []
@@ -144,7 +149,7 @@ class TimeShareFleet:
                         self.evicted_busy.append(m)
                     self.sims.pop(m).stop()
                 evicted = time.monotonic() - t0
-                sim = _Sim(model, self.ports[model], self.load_s)
+                sim = _Sim(model, self.ports[model], self.load_s, self.ttft_s, self.itl_s)
                 try:
                     sim.wait_healthy(60.0)
                 except BaseException:
