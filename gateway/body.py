@@ -4,7 +4,9 @@
 Bodies are read whole (`read_body`) within two limits: one body's size (413) and the bytes
 all requests hold at once (`BodyBudget`, 503 with Retry-After), so many large bodies under
 the first limit cannot exhaust memory together. A client that leaves mid-upload ends its
-request as 499 (client closed request), not as a gateway failure.
+request as 499 (client closed request), not as a gateway failure; one whose body does not
+arrive within GATEWAY_BODY_TIMEOUT is answered 408 by the server (gateway/server.py) and
+recorded as such here.
 
 JSON bodies are parsed once (orjson when available); multipart bodies (audio transcription
 and translation) are scanned for the `model` form field without decoding the file parts; a
@@ -114,6 +116,9 @@ async def read_body(request: Request, limit: int, hold: Hold | None = None) -> b
                 counted.take(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
+        late = request.scope.get("gateway.body_late")  # the server closed it: body too slow
+        if late is not None:
+            raise errors.body_late(late) from None
         raise errors.upload_abandoned(getattr(request.state, "request_id", "-")) from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 

@@ -207,6 +207,14 @@ def upload_abandoned(request_id: str) -> GatewayError:
                              f"read (request id {request_id}).", err_type="ClientClosedRequest")
 
 
+def body_late(timeout: float) -> GatewayError:
+    """The request body did not arrive within GATEWAY_BODY_TIMEOUT of its headers (the
+    server answers it and closes the connection; this is what the log and metrics record)."""
+    return GatewayError(408, f"The request body did not arrive within {timeout:g} s of its "
+                             f"headers (GATEWAY_BODY_TIMEOUT). Send the body at once, or raise "
+                             f"the limit.")
+
+
 def not_found(path: str) -> GatewayError:
     return GatewayError(404, f"No route for {path}. The gateway serves the OpenAI API under "
                              f"/v1/... and per-model routes under /{{model}}/v1/....")

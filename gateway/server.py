@@ -12,12 +12,16 @@ fields, connections that never send a byte, and as many connections as the kerne
 - a header-read deadline: a connection gets `header_timeout` seconds from its start (or,
   on a kept-alive connection, from the next request's first byte) to complete the head;
   then it is closed (with 408 when part of a head had arrived);
+- a body-read deadline: a request's body must arrive within `body_timeout` seconds of the
+  end of its head, else 408 and the connection is closed (a client trickling its body, or
+  declaring one it never sends, would otherwise hold a connection and a request forever:
+  such connections are not idle, so the cap below cannot reclaim them);
 - a cap on open client connections: at `max_client_connections` a new connection closes
   the oldest idle one (waiting for a request head, or kept alive between requests), and
   when none is idle it gets 503 with Retry-After. Requests in progress are never closed.
 
 What it costs per request: four short Python methods (no timer: one sweep per server every
-`header_timeout / 4` seconds, at most 1 s, checks the waiting connections) and two dict
+quarter of the shorter timeout, at most 1 s, checks the waiting connections) and four dict
 operations; `benchmarks/limits_cost.py` measures it. Per body chunk it costs one `is None`
 check.
 """
@@ -54,24 +58,29 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     max_client_connections: int = 4096
     retry_after: int = 5
+    body_timeout: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> ConnectionLimits:
         return cls(settings.max_header_bytes, settings.max_header_count, settings.header_timeout,
-                   settings.max_client_connections, settings.retry_after)
+                   settings.max_client_connections, settings.retry_after,
+                   settings.body_timeout)
 
 
 class _Guard:
     """What the connections of one server share: the limits, the connections waiting for a
     request head (fresh, or kept alive between requests), oldest first (a dict keeps
-    insertion order: the oldest is the first item), and one sweep that closes those whose
-    head is late. A sweep every `interval` seconds over the waiting connections costs less
+    insertion order: the oldest is the first item), the connections whose request body is
+    still to come (with when its head ended), and one sweep that closes those whose head or
+    body is late. A sweep every `interval` seconds over the waiting connections costs less
     than a timer armed and cancelled per request."""
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
         self.idle: dict[GuardedHttpTools, None] = {}
-        self.interval = max(0.05, min(1.0, limits.header_timeout / 4))
+        self.bodies: dict[GuardedHttpTools, float] = {}
+        self.interval = max(0.05, min(1.0, limits.header_timeout / 4,
+                                      limits.body_timeout / 4))
         self._sweep: asyncio.TimerHandle | None = None
         self.evicted = 0
         self.refused = 0
@@ -83,14 +92,24 @@ class _Guard:
         if self._sweep is None:
             self._sweep = conn.loop.call_later(self.interval, self.sweep, conn.loop)
 
+    def body_pending(self, conn: GuardedHttpTools) -> None:
+        """`conn`'s request body did not all come with its head: watch its deadline."""
+        if self._sweep is None:
+            self._sweep = conn.loop.call_later(self.interval, self.sweep, conn.loop)
+
     def sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweep = None
-        deadline = loop.time() - self.limits.header_timeout
+        now = loop.time()
+        deadline = now - self.limits.header_timeout
         for conn in [c for c in self.idle if c.head_since is not None
                      and c.head_since <= deadline]:
             self.late += 1
             conn.head_late()
-        if self.idle:
+        deadline = now - self.limits.body_timeout
+        for conn in [c for c, since in self.bodies.items() if since <= deadline]:
+            self.late += 1
+            conn.body_late()
+        if self.idle or self.bodies:
             self._sweep = loop.call_later(self.interval, self.sweep, loop)
 
     def evict_oldest_idle(self) -> bool:
@@ -154,6 +173,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.idle.pop(self, None)
+        self.guard.bodies.pop(self, None)
         if self._refused:
             self.parser = None  # type: ignore[assignment]
             return
@@ -179,6 +199,9 @@ class GuardedHttpTools(HttpToolsProtocol):
                                            f"fewer or smaller headers.")
                     return
         super().data_received(data)
+        guard = self.guard
+        if self in guard.bodies and guard._sweep is None:
+            guard.body_pending(self)
 
     def on_headers_complete(self) -> None:
         self._head_budget = None
@@ -195,8 +218,11 @@ class GuardedHttpTools(HttpToolsProtocol):
                 self.app = app
             return
         super().on_headers_complete()
+        # until on_message_complete (at once, in this same read, when no body follows)
+        guard.bodies[self] = self.loop.time()
 
     def on_message_complete(self) -> None:
+        self.guard.bodies.pop(self, None)
         super().on_message_complete()
         self._head_budget = self.guard.limits.max_header_bytes  # the next request's head
 
@@ -220,6 +246,25 @@ class GuardedHttpTools(HttpToolsProtocol):
             transport.write(_response(
                 408, f"The request line and headers did not arrive within "
                      f"{self.guard.limits.header_timeout:g} s ({env_name('header_timeout')})."))
+        transport.close()
+
+    def body_late(self) -> None:
+        """The body did not complete within the body timeout: 408 (unless the answer has
+        begun), and the connection closes. The request sees the client as gone; the scope
+        says why (`gateway.body_late`), so its log line and metrics say 408."""
+        self.guard.bodies.pop(self, None)
+        transport = self.transport
+        if transport.is_closing():
+            return
+        cycle = self.cycle
+        started = cycle is not None and cycle.response_started
+        if cycle is not None:
+            cycle.scope["gateway.body_late"] = self.guard.limits.body_timeout  # type: ignore[typeddict-unknown-key]
+            cycle.disconnected = True  # what the app sends now goes nowhere
+            cycle.message_event.set()
+        if not started:
+            transport.write(_response(408, errors.body_late(
+                self.guard.limits.body_timeout).message))
         transport.close()
 
     def _refuse_head(self, status: int, message: str) -> None:
@@ -299,7 +344,8 @@ def serve(app: Any, settings: GatewaySettings, *, graceful_shutdown: int = 30) -
     fits = fit_descriptors(limits.max_client_connections)
     if fits < limits.max_client_connections:
         limits = ConnectionLimits(limits.max_header_bytes, limits.max_header_count,
-                                  limits.header_timeout, fits, limits.retry_after)
+                                  limits.header_timeout, fits, limits.retry_after,
+                                  limits.body_timeout)
     # GATEWAY_ACCESS_LOG: the gateway writes its own lines (with the request id and model).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=False, loop="auto", http=protocol_class(limits),

@@ -59,6 +59,10 @@ class GatewaySettings(BaseSettings):
         default=10.0, gt=0,
         description="seconds a connection may take to send a request's line and headers "
                     "(from its first byte, or from the connection's start); then it is closed")
+    body_timeout: float = Field(
+        default=60.0, gt=0,
+        description="seconds a request's body may take to arrive, from the end of its "
+                    "headers; then 408 and the connection is closed")
     max_client_connections: int = Field(
         default=4096, ge=1,
         description="open client connections; beyond it the oldest idle one is closed, or, "

@@ -101,13 +101,14 @@ def test_multipart_with_two_model_fields_is_a_400() -> None:
 
 # -- reading bodies within the limits -------------------------------------------------------------
 class FakeRequest:
-    """What `read_body` uses of a Starlette request: headers, stream(), state."""
+    """What `read_body` uses of a Starlette request: headers, stream(), state, scope."""
 
     def __init__(self, chunks: list[bytes], length: int | None = None,
                  disconnect_after: int | None = None) -> None:
         self.headers = {} if length is None else {"content-length": str(length)}
         self._chunks, self._disconnect_after = chunks, disconnect_after
         self.state = type("State", (), {"request_id": "rid-1"})()
+        self.scope: dict[str, object] = {}
 
     async def stream(self):  # type: ignore[no-untyped-def]
         from starlette.requests import ClientDisconnect
@@ -144,6 +145,16 @@ async def test_a_client_leaving_mid_upload_is_a_499_not_a_failure() -> None:
         await body.read_body(FakeRequest([b"x" * 10] * 5, disconnect_after=2), 1000, hold)
     assert info.value.status == 499 and "rid-1" in info.value.message
     assert budget.held == 0
+
+
+@pytest.mark.anyio
+async def test_a_body_closed_by_the_server_for_being_late_is_recorded_as_408() -> None:
+    late = FakeRequest([b"x" * 10] * 5, disconnect_after=1)
+    late.scope["gateway.body_late"] = 1.5  # what gateway/server.py sets before closing
+    with pytest.raises(GatewayError) as info:
+        await body.read_body(late, 1000)
+    assert info.value.status == 408 and "1.5 s" in info.value.message
+    assert "GATEWAY_BODY_TIMEOUT" in info.value.message
 
 
 @pytest.mark.anyio

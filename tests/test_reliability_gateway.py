@@ -344,6 +344,46 @@ def test_silent_and_half_head_connections_are_closed_after_the_header_timeout(
             sock.close()
 
 
+def test_a_body_that_does_not_arrive_is_408_after_the_body_timeout(
+        sim_factory, gateway_factory) -> None:
+    """A client that declares a body and sends part of it (or none) held its connection and
+    its request forever, out of reach of the connection cap (it is not idle). Now it gets
+    408 once GATEWAY_BODY_TIMEOUT has passed since its headers; a slow body that completes
+    in time is still served."""
+    sim = sim_factory(served_names=("s",))
+    gw = gateway_factory(registry_for(s=sim), extra_env={"GATEWAY_BODY_TIMEOUT": "1"})
+    pid = gw.process.pid
+    base_fds = open_fds(pid)
+    slow = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(10)]
+    for i, sock in enumerate(slow):
+        part = b"" if i % 2 else b'{"model": "s", '
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: "
+                     b"application/json\r\ncontent-length: 200\r\n\r\n" + part)
+    try:
+        started = time.monotonic()
+        for sock in slow:
+            data, _ = read_until_closed(sock, 10)  # 1 s, generous for a loaded machine
+            status, headers, body = parse_response(data)
+            assert status == 408 and judge(status, headers, body) is None, data[:300]
+            assert b"GATEWAY_BODY_TIMEOUT" in body
+        assert time.monotonic() - started < 8.0
+        wait_for(lambda: open_fds(pid), 5, "gateway fds back to baseline",
+                 ok=lambda n: n <= base_fds + FD_TOLERANCE)
+        assert health_seconds(gw.base_url) < 1.0
+    finally:
+        for sock in slow:
+            sock.close()
+    # a body in two parts, the second 0.3 s later: within the limit, served
+    request = _chat("s", b"connection: close\r\n")
+    head_end = request.index(b"\r\n\r\n") + 4 + 10
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(request[:head_end])
+        time.sleep(0.3)  # the client's pace, not synchronisation
+        sock.sendall(request[head_end:])
+        data, _ = read_until_closed(sock, 10)
+    assert parse_response(data)[0] == 200, data[:300]
+
+
 def test_connection_cap_closes_idle_connections_first_then_answers_503(
         gateway_factory) -> None:
     cap = 40
