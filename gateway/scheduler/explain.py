@@ -73,7 +73,8 @@ def timed_out(core: SchedulerCore, m: _Model, req: _Request, position: int,
 def snapshot(core: SchedulerCore, now: float) -> dict[str, object]:
     """The scheduler as `/admin/status`, `fleet status --gateway` and the dashboard show it:
     per model its state, queue, oldest wait, time resident, quantum left while a rival waits,
-    why it drains; the last switches; the measured switch costs; time spent switching."""
+    why it drains, whether its clients send back to back; the last switches; the measured
+    switch costs; time spent switching."""
     candidates = core._candidates(now)
     rival = candidates[0] if candidates else None
     models: dict[str, object] = {}
@@ -84,6 +85,9 @@ def snapshot(core: SchedulerCore, now: float) -> dict[str, object]:
             "oldest_wait": round(now - m.oldest(), 3) if m.queue else None,
             "resident_for": round(now - m.resident_since, 3) if m.state.holds else None,
             "pinned": m.policy.pinned, "priority": m.policy.priority,
+            # share of its recent requests sent within the idle grace of an answer (back to
+            # back): at 0.5 or more an idle turn lingers for the grace before a switch
+            "back_to_back": round(m.back_to_back, 2),
         }
         if rival is not None and m.state is Residency.AWAKE and m.policy.shared \
                 and not m.policy.pinned:
