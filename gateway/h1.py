@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +37,7 @@ class _Conn(asyncio.Protocol):
     """One upstream connection; one request at a time."""
 
     __slots__ = ("_drain", "_paused", "buf", "buffered", "complete", "error", "head", "headers",
-                 "idle_since", "keep_alive", "lost", "parser", "status", "transport",
+                 "idle_since", "keep_alive", "lost", "parser", "sink", "status", "transport",
                  "until_close", "waiter")
 
     def __init__(self) -> None:
@@ -61,6 +61,8 @@ class _Conn(asyncio.Protocol):
         self.error: httpx.HTTPError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self._paused = False
+        # gateway/splice.py: takes the body as it arrives, in data_received (no reader woken)
+        self.sink: Callable[[bytes], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -72,6 +74,10 @@ class _Conn(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError(f"malformed answer from the upstream: {exc}"))
             assert self.transport is not None
             self.transport.close()
+        if self.sink is not None and self.buf:
+            buf = self.buf
+            self.sink(buf[0] if len(buf) == 1 else b"".join(buf))
+            buf.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -109,6 +115,8 @@ class _Conn(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.buf.append(body)
+        if self.sink is not None:
+            return
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
@@ -192,6 +200,10 @@ class H1Response:
             conn.waiter = self._loop.create_future()
             await conn.waiter
         return conn.take()
+
+    def connection(self) -> _Conn:
+        """The connection the body arrives on (gateway/splice.py sets its `sink`)."""
+        return self._conn
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         while True:

@@ -31,6 +31,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import errors
+from gateway.splice import splice
 from gateway.upstream import UpstreamResponse
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the ASGI server sets itself.
@@ -93,7 +94,7 @@ class RelayResponse(Response):
             state.arm(pump, read_timeout, total)
         try:
             try:
-                await self._pump(send, state)
+                await self._pump(scope, send, state)
             finally:
                 state.done = True  # from here on neither a disconnect nor a deadline cancels
                 state.disarm()
@@ -108,12 +109,15 @@ class RelayResponse(Response):
             watcher.cancel()
             await self.upstream.aclose()
 
-    async def _pump(self, send: Send, state: _WatchState) -> None:
+    async def _pump(self, scope: Scope, send: Send, state: _WatchState) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         readany: Callable[[], Awaitable[bytes]] | None = getattr(self.upstream, "readany", None)
         try:
-            if readany is not None:
+            spliced = splice(scope, send, self.upstream, state, self.on_first_chunk)
+            if spliced is not None:
+                await spliced.run()
+            elif readany is not None:
                 await self._pump_reads(send, readany, state)
             else:
                 await self._pump_iter(send, state)

@@ -35,6 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway import errors
 from gateway.settings import GatewaySettings, env_name
+from gateway.splice import EXTENSION, Splice
 
 log = logging.getLogger("gateway.server")
 
@@ -133,6 +134,9 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.head_since: float | None = None
         self._refused = False
         self._lingering = False
+        # gateway/splice.py: a relayed body written straight to this connection
+        self.splice: Splice | None = None
+        self._extensions: dict[str, dict[object, object]] = {EXTENSION: {"connection": self}}
 
     # -- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -195,6 +199,7 @@ class GuardedHttpTools(HttpToolsProtocol):
                 self.app = app
             return
         super().on_headers_complete()
+        self.scope["extensions"] = self._extensions
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -206,6 +211,16 @@ class GuardedHttpTools(HttpToolsProtocol):
             if self._head_budget == self.guard.limits.max_header_bytes:
                 self.head_since = None  # idle: uvicorn's keep-alive timeout applies
             self.guard.waiting(self)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.splice is not None:
+            self.splice.pause()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.splice is not None:
+            self.splice.resume()
 
     def head_late(self) -> None:
         """The head did not complete within the header timeout: 408 if part of one came,
