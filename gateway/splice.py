@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from starlette.types import Scope, Send
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-if TYPE_CHECKING:
-    from gateway.h1 import _Conn
+from gateway.h1 import H1Response, _Conn
 
 EXTENSION = "gateway.splice"
 
@@ -118,8 +117,7 @@ def splice(scope: Scope, send: Send, upstream: Any, state: Tapped,
            first: Callable[[], None] | None) -> Splice | None:
     """A splice for this answer, whose head was sent; None where it cannot be used."""
     extension = scope.get("extensions", {}).get(EXTENSION)
-    connection = getattr(upstream, "connection", None)
-    if extension is None or connection is None:
+    if extension is None or not isinstance(upstream, H1Response):
         return None
     client: Client = extension["connection"]
     cycle = getattr(send, "__self__", None)
@@ -127,4 +125,4 @@ def splice(scope: Scope, send: Send, upstream: Any, state: Tapped,
             or cycle.chunked_encoding is not True or cycle.disconnected
             or scope["method"] == "HEAD"):
         return None
-    return Splice(connection(), client, cycle, state, first)
+    return Splice(upstream.conn, client, cycle, state, first)
