@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import errors
-from gateway.splice import splice
+from gateway.splice import on_client_lost, splice
 from gateway.upstream import UpstreamResponse
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the ASGI server sets itself.
@@ -87,7 +87,11 @@ class RelayResponse(Response):
         assert pump is not None
         loop = asyncio.get_running_loop()
         state = _WatchState(loop)
-        watcher = loop.create_task(_watch(receive, pump, state))
+        state.pump = pump
+        stop_watch: Callable[[], object] | None = on_client_lost(scope, receive,
+                                                                 state.client_lost)
+        if stop_watch is None:
+            stop_watch = loop.create_task(_watch(receive, state)).cancel
         read_timeout: float | None = getattr(self.upstream, "read_timeout", None)
         total: float | None = getattr(self.upstream, "total_deadline", None)
         if read_timeout is not None or total is not None:
@@ -106,7 +110,7 @@ class RelayResponse(Response):
                 return
             raise
         finally:
-            watcher.cancel()
+            stop_watch()
             await self.upstream.aclose()
 
     async def _pump(self, scope: Scope, send: Send, state: _WatchState) -> None:
@@ -238,20 +242,25 @@ class _WatchState:
         assert self.pump is not None
         self.pump.cancel()
 
+    def client_lost(self) -> None:
+        if not self.done:
+            self.disconnected = True
+            assert self.pump is not None
+            self.pump.cancel()
+
     def disarm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
 
-async def _watch(receive: Receive, pump: asyncio.Task[object], state: _WatchState) -> None:
-    """Cancel `pump` when the client disconnects before the response is over."""
+async def _watch(receive: Receive, state: _WatchState) -> None:
+    """Cancel the pump when the client disconnects before the response is over (where the
+    server cannot tell: gateway/splice.py's on_client_lost)."""
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            if not state.done:
-                state.disconnected = True
-                pump.cancel()
+            state.client_lost()
             return
 
 

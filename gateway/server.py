@@ -28,6 +28,7 @@ import asyncio
 import logging
 import resource
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -136,6 +137,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._lingering = False
         # gateway/splice.py: a relayed body written straight to this connection
         self.splice: Splice | None = None
+        self.on_lost: Callable[[], None] | None = None  # splice.on_client_lost
         self._extensions: dict[str, dict[object, object]] = {EXTENSION: {"connection": self}}
 
     # -- connection ---------------------------------------------------------------------------
@@ -162,6 +164,9 @@ class GuardedHttpTools(HttpToolsProtocol):
             self.parser = None  # type: ignore[assignment]
             return
         super().connection_lost(exc)
+        lost, self.on_lost = self.on_lost, None
+        if lost is not None:
+            lost()
 
     # -- the request head ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:

@@ -14,7 +14,12 @@ Only when nothing sits between the server and the relay (`send` is uvicorn's own
 middleware wrapping it), the answer is chunked and the client is still there. Back-pressure:
 when the client's transport asks the server to pause writing, the upstream connection stops
 reading until it resumes (uvicorn's flow control, one level down). A client that goes away
-is seen as before (the relay's watcher), and the sink writes nothing more from then on.
+cancels the relay (below), and the sink writes nothing more from then on.
+
+`on_client_lost`: the same server tells the relay (and the proxy's wait for admission and
+the upstream's head) that the client went away, from its `connection_lost`, where a task per
+request used to wait on `receive()` for `http.disconnect` (two tasks per request: created,
+stepped, cancelled).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from starlette.types import Scope, Send
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from gateway.h1 import H1Response, _Conn
@@ -44,6 +49,7 @@ class Client(Protocol):
 
     transport: asyncio.Transport
     splice: Splice | None
+    on_lost: Callable[[], None] | None
 
 
 class Splice:
@@ -126,3 +132,26 @@ def splice(scope: Scope, send: Send, upstream: Any, state: Tapped,
             or scope["method"] == "HEAD"):
         return None
     return Splice(upstream.conn, client, cycle, state, first)
+
+
+def on_client_lost(scope: Scope, receive: Receive,
+                   callback: Callable[[], None]) -> Callable[[], object] | None:
+    """Have the gateway's server call `callback` once if this request's client goes away
+    (no task watching `receive`); the function that calls it off. None where the connection
+    is not the server's, or already watched: the caller watches `receive` in a task."""
+    extension = scope.get("extensions", {}).get(EXTENSION)
+    cycle = getattr(receive, "__self__", None)
+    if extension is None or type(cycle) is not RequestResponseCycle:
+        return None
+    client: Client = extension["connection"]
+    if cycle.transport is not client.transport or client.on_lost is not None:
+        return None
+    if cycle.disconnected:  # gone already: as a watching task would, on the next turn
+        return asyncio.get_running_loop().call_soon(callback).cancel
+    client.on_lost = callback
+
+    def off() -> None:
+        if client.on_lost is callback:
+            client.on_lost = None
+
+    return off

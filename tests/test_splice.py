@@ -155,7 +155,8 @@ async def test_a_client_that_stops_reading_pauses_the_upstream(spliced: list[int
 
 
 async def test_a_client_leaving_mid_stream_closes_the_upstream(spliced: list[int]) -> None:
-    async with RawUpstream(answering(SSE_HEAD, CHUNK)) as up, Served(up.url) as gw:
+    # a read timeout far away: only the disconnect can close the upstream in time
+    async with RawUpstream(answering(SSE_HEAD, CHUNK)) as up, Served(up.url, read=60) as gw:
         async with (httpx.AsyncClient(base_url=gw.url) as client,
                     client.stream("POST", "/v1/chat/completions", json=BODY) as r):
             async for piece in r.aiter_raw():
