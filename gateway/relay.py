@@ -2,10 +2,10 @@
 
 No buffering, no re-encoding: raw bytes from the upstream socket go straight to the client,
 as soon as they arrive; what arrived together (a burst of SSE events) goes out in one write.
-A watcher task waits for the client's `http.disconnect` while the pump runs; a disconnect
-cancels the pump, the pump's end stops the watcher, and the upstream response is closed at
-once either way, so vLLM aborts a generation nobody is reading. (Plain asyncio tasks: an anyio
-task group per request cost about a tenth of the gateway's CPU per streamed request.)
+A client that disconnects while the pump runs cancels it (the gateway's server says so from
+its `connection_lost`, gateway/splice.py's `on_client_lost`; under another server a watcher
+task waits for `http.disconnect`), and the upstream response is closed at once either way, so
+vLLM aborts a generation nobody is reading.
 
 Deadlines the gateway owns (an HTTP client's parser may wait forever: aiohttp's C parser never
 raises on a broken chunk size): when the upstream response carries `read_timeout`, one timer
@@ -16,8 +16,10 @@ cancels the pump, closes the upstream, and ends the answer like a broken upstrea
 event on an event stream, a dropped connection otherwise (a truncated body must not look
 complete).
 
-Per chunk, with an upstream that offers `readany()` (the aiohttp client): one read, one
-`send` of a prebuilt-shape message, one clock read. Other clients go through `aiter_raw()`.
+Per chunk: with the `h1` client behind the gateway's own server, a chunked answer is spliced
+(gateway/splice.py: the upstream connection writes each arrival to the client's transport,
+this task sleeps until the body ends); with another upstream that offers `readany()` (h1
+otherwise, aiohttp): one read, one `send`, one clock read; other clients: `aiter_raw()`.
 """
 
 from __future__ import annotations
