@@ -1,28 +1,25 @@
 """The gateway's own HTTP/1.1 upstream client: asyncio protocols and `httptools` (llhttp, C).
 
-The interface of `gateway.upstream.UpstreamClient` and nothing more, at a fraction of a
-general client's cost per received chunk: `data_received` feeds the C parser, whose body
-callback appends the bytes and wakes the one reader; what arrived together is handed over at
-once (a burst of SSE events becomes one write to the client). Failures are httpx's types:
-refused `ConnectError`, no connection within `connect` `ConnectTimeout`, no free connection
-within `pool` (`max_connections` per upstream) `PoolTimeout`, a body not taken within `write`
-`WriteTimeout`, no response head within `read` of the request being written `ReadTimeout`,
-framing llhttp rejects (a chunk size that is not hex, a bad status line: at once, where
-aiohttp's parser waits forever) or a close before the head `RemoteProtocolError`, a close
-mid-body `ReadError`. Silence between two body reads is bounded by the reader: the relay's
-deadline timer (`read_timeout` on the response), `aread` and `aiter_raw`.
-
-Connections are kept alive (at most `max_keepalive` idle, closed after `keepalive_expiry`)
-and reused only after a response was read to its end; one dropped early is closed at once, so
-vLLM sees the disconnect and aborts. Reading pauses while more than `_HIGH_WATER` bytes wait
-for a slow reader (back-pressure to the upstream, flat memory).
+The interface of `gateway.upstream.UpstreamClient`, at a fraction of a general client's cost
+per chunk: `data_received` feeds the C parser, whose body callback appends the bytes and wakes
+the one reader (or, with a `sink` set by gateway/splice.py, hands them over at once, waking
+nobody); what arrived together goes on together. Failures are httpx's types: refused
+`ConnectError`, no connection within `connect` `ConnectTimeout`, no free connection within
+`pool` (`max_connections` per upstream) `PoolTimeout`, a body not taken within `write`
+`WriteTimeout`, no response head within `read` `ReadTimeout`, framing llhttp rejects (at once,
+where aiohttp's parser waits forever) or a close before the head `RemoteProtocolError`, a
+close mid-body `ReadError`. Silence mid-body is bounded by the reader (the relay's deadline
+timer, `aread`, `aiter_raw`). Connections are kept alive (at most `max_keepalive` idle, closed
+after `keepalive_expiry`) and reused only after a response was read to its end; one dropped
+early is closed at once (vLLM aborts). Reading pauses while more than `_HIGH_WATER` bytes
+wait for a slow reader (back-pressure to the upstream, flat memory).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +34,7 @@ class _Conn(asyncio.Protocol):
     """One upstream connection; one request at a time."""
 
     __slots__ = ("_drain", "_paused", "buf", "buffered", "complete", "error", "head", "headers",
-                 "idle_since", "keep_alive", "lost", "parser", "status", "transport",
+                 "idle_since", "keep_alive", "lost", "parser", "sink", "status", "transport",
                  "until_close", "waiter")
 
     def __init__(self) -> None:
@@ -54,13 +51,11 @@ class _Conn(asyncio.Protocol):
         self.buffered = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.status = 0
-        self.head = False
-        self.complete = False
-        self.keep_alive = False
-        self.until_close = False
+        self.head = self.complete = self.keep_alive = self.until_close = False
         self.error: httpx.HTTPError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self.sink: Callable[[bytes], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -72,6 +67,10 @@ class _Conn(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError(f"malformed answer from the upstream: {exc}"))
             assert self.transport is not None
             self.transport.close()
+        if self.sink is not None and self.buf:
+            buf = self.buf
+            self.sink(buf[0] if len(buf) == 1 else b"".join(buf))
+            buf.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -109,6 +108,8 @@ class _Conn(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.buf.append(body)
+        if self.sink is not None:
+            return
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
@@ -168,12 +169,12 @@ class H1Request:
 class H1Response:
     """A response whose head has arrived; the body is read with `readany`."""
 
-    __slots__ = ("_client", "_conn", "_loop", "_released", "headers", "read_timeout",
+    __slots__ = ("_client", "_loop", "_released", "conn", "headers", "read_timeout",
                  "status_code", "total_deadline")
 
     def __init__(self, client: H1Client, conn: _Conn, read_timeout: float | None) -> None:
         self._client = client
-        self._conn = conn
+        self.conn = conn  # the connection the body arrives on (gateway/splice.py: its sink)
         self._loop = asyncio.get_running_loop()
         self._released = False
         self.status_code = conn.status
@@ -183,7 +184,7 @@ class H1Response:
 
     async def readany(self) -> bytes:
         """Everything received and not taken yet; b"" at the end of the body."""
-        conn = self._conn
+        conn = self.conn
         while not conn.buf:
             if conn.complete:
                 return b""
@@ -218,7 +219,7 @@ class H1Response:
         if self._released:
             return
         self._released = True
-        conn = self._conn
+        conn = self.conn
         reusable = conn.complete and conn.keep_alive and conn.error is None and not conn.buf
         self._client._release(conn, reusable)
 

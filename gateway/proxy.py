@@ -35,6 +35,7 @@ from gateway.ports import Admitter, Ticket
 from gateway.relay import RelayResponse
 from gateway.routing import Route
 from gateway.runtime import Runtime
+from gateway.splice import on_client_lost
 from gateway.state import RoutingState
 from gateway.upstream import map_failure
 
@@ -157,7 +158,7 @@ class Proxy:
             else:
                 # From here until the response starts, a client that goes away cancels the
                 # wait (its queue place, the upstream request: vLLM aborts the generation).
-                watch = _Watch(request.receive)
+                watch = _Watch(request.scope, request.receive)
                 try:
                     ticket.append(await self.admitter.admit(state, route))
                     response = await self._dispatch(request, state, route, method, path,
@@ -291,20 +292,27 @@ class _Watch:
     disconnect cancels the waiting task. One task; stopped before the response starts (the
     relay watches from there on)."""
 
-    __slots__ = ("_gone", "_task")
+    __slots__ = ("_gone", "_waiter", "stop")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, scope: Scope, receive: Receive) -> None:
         self._gone = False
         waiter = asyncio.current_task()
         assert waiter is not None
-        self._task = asyncio.get_running_loop().create_task(self._watch(receive, waiter))
+        self._waiter = waiter
+        stop: Callable[[], object] | None = on_client_lost(scope, receive, self._lost)
+        if stop is None:  # not the gateway's server: a task watches `receive`
+            stop = asyncio.get_running_loop().create_task(self._watch(receive)).cancel
+        self.stop = stop
 
-    async def _watch(self, receive: Receive, waiter: asyncio.Task[Any]) -> None:
+    def _lost(self) -> None:
+        self._gone = True
+        self._waiter.cancel()
+
+    async def _watch(self, receive: Receive) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self._gone = True
-                waiter.cancel()
+                self._lost()
                 return
 
     def gone(self) -> bool:
@@ -313,6 +321,3 @@ class _Watch:
             return False
         task = asyncio.current_task()
         return task is None or task.uncancel() == 0
-
-    def stop(self) -> None:
-        self._task.cancel()

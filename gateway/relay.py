@@ -2,10 +2,10 @@
 
 No buffering, no re-encoding: raw bytes from the upstream socket go straight to the client,
 as soon as they arrive; what arrived together (a burst of SSE events) goes out in one write.
-A watcher task waits for the client's `http.disconnect` while the pump runs; a disconnect
-cancels the pump, the pump's end stops the watcher, and the upstream response is closed at
-once either way, so vLLM aborts a generation nobody is reading. (Plain asyncio tasks: an anyio
-task group per request cost about a tenth of the gateway's CPU per streamed request.)
+A client that disconnects while the pump runs cancels it (the gateway's server says so from
+its `connection_lost`, gateway/splice.py's `on_client_lost`; under another server a watcher
+task waits for `http.disconnect`), and the upstream response is closed at once either way, so
+vLLM aborts a generation nobody is reading.
 
 Deadlines the gateway owns (an HTTP client's parser may wait forever: aiohttp's C parser never
 raises on a broken chunk size): when the upstream response carries `read_timeout`, one timer
@@ -16,8 +16,10 @@ cancels the pump, closes the upstream, and ends the answer like a broken upstrea
 event on an event stream, a dropped connection otherwise (a truncated body must not look
 complete).
 
-Per chunk, with an upstream that offers `readany()` (the aiohttp client): one read, one
-`send` of a prebuilt-shape message, one clock read. Other clients go through `aiter_raw()`.
+Per chunk: with the `h1` client behind the gateway's own server, a chunked answer is spliced
+(gateway/splice.py: the upstream connection writes each arrival to the client's transport,
+this task sleeps until the body ends); with another upstream that offers `readany()` (h1
+otherwise, aiohttp): one read, one `send`, one clock read; other clients: `aiter_raw()`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import errors
+from gateway.splice import on_client_lost, splice
 from gateway.upstream import UpstreamResponse
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the ASGI server sets itself.
@@ -86,14 +89,18 @@ class RelayResponse(Response):
         assert pump is not None
         loop = asyncio.get_running_loop()
         state = _WatchState(loop)
-        watcher = loop.create_task(_watch(receive, pump, state))
+        state.pump = pump
+        stop_watch: Callable[[], object] | None = on_client_lost(scope, receive,
+                                                                 state.client_lost)
+        if stop_watch is None:
+            stop_watch = loop.create_task(_watch(receive, state)).cancel
         read_timeout: float | None = getattr(self.upstream, "read_timeout", None)
         total: float | None = getattr(self.upstream, "total_deadline", None)
         if read_timeout is not None or total is not None:
             state.arm(pump, read_timeout, total)
         try:
             try:
-                await self._pump(send, state)
+                await self._pump(scope, send, state)
             finally:
                 state.done = True  # from here on neither a disconnect nor a deadline cancels
                 state.disarm()
@@ -105,15 +112,18 @@ class RelayResponse(Response):
                 return
             raise
         finally:
-            watcher.cancel()
+            stop_watch()
             await self.upstream.aclose()
 
-    async def _pump(self, send: Send, state: _WatchState) -> None:
+    async def _pump(self, scope: Scope, send: Send, state: _WatchState) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         readany: Callable[[], Awaitable[bytes]] | None = getattr(self.upstream, "readany", None)
         try:
-            if readany is not None:
+            spliced = splice(scope, send, self.upstream, state, self.on_first_chunk)
+            if spliced is not None:
+                await spliced.run()
+            elif readany is not None:
                 await self._pump_reads(send, readany, state)
             else:
                 await self._pump_iter(send, state)
@@ -234,20 +244,25 @@ class _WatchState:
         assert self.pump is not None
         self.pump.cancel()
 
+    def client_lost(self) -> None:
+        if not self.done:
+            self.disconnected = True
+            assert self.pump is not None
+            self.pump.cancel()
+
     def disarm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
 
-async def _watch(receive: Receive, pump: asyncio.Task[object], state: _WatchState) -> None:
-    """Cancel `pump` when the client disconnects before the response is over."""
+async def _watch(receive: Receive, state: _WatchState) -> None:
+    """Cancel the pump when the client disconnects before the response is over (where the
+    server cannot tell: gateway/splice.py's on_client_lost)."""
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            if not state.done:
-                state.disconnected = True
-                pump.cancel()
+            state.client_lost()
             return
 
 

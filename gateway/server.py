@@ -32,6 +32,7 @@ import asyncio
 import logging
 import resource
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,6 +40,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway import errors
 from gateway.settings import GatewaySettings, env_name
+from gateway.splice import EXTENSION, Splice
 
 log = logging.getLogger("gateway.server")
 
@@ -152,6 +154,10 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.head_since: float | None = None
         self._refused = False
         self._lingering = False
+        # gateway/splice.py: a relayed body written straight to this connection
+        self.splice: Splice | None = None
+        self.on_lost: Callable[[], None] | None = None  # splice.on_client_lost
+        self._extensions: dict[str, dict[object, object]] = {EXTENSION: {"connection": self}}
 
     # -- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -178,6 +184,9 @@ class GuardedHttpTools(HttpToolsProtocol):
             self.parser = None  # type: ignore[assignment]
             return
         super().connection_lost(exc)
+        lost, self.on_lost = self.on_lost, None
+        if lost is not None:
+            lost()
 
     # -- the request head ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -218,6 +227,7 @@ class GuardedHttpTools(HttpToolsProtocol):
                 self.app = app
             return
         super().on_headers_complete()
+        self.scope["extensions"] = self._extensions
         # until on_message_complete (at once, in this same read, when no body follows)
         guard.bodies[self] = self.loop.time()
 
@@ -232,6 +242,16 @@ class GuardedHttpTools(HttpToolsProtocol):
             if self._head_budget == self.guard.limits.max_header_bytes:
                 self.head_since = None  # idle: uvicorn's keep-alive timeout applies
             self.guard.waiting(self)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.splice is not None:
+            self.splice.pause()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.splice is not None:
+            self.splice.resume()
 
     def head_late(self) -> None:
         """The head did not complete within the header timeout: 408 if part of one came,

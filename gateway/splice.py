@@ -1,0 +1,157 @@
+"""Splicing: a relayed body written straight from the upstream connection to the client's.
+
+The ordinary relay (gateway/relay.py) wakes its task for every chunk the upstream sends:
+the reader's future, the task's step through the whole chain of ASGI coroutines, one `send`
+message, uvicorn's framing. With an `h1` upstream (gateway/h1.py) and a client served by the
+gateway's own server (gateway/server.py: its connection is in the scope's extensions), the
+relay instead hands the upstream connection a `sink`: `data_received` gives it what llhttp
+parsed out of the bytes that arrived, and the sink writes them, framed as one HTTP/1.1 chunk,
+to the client's transport. The relay's task sleeps until the body ends, fails or misses a
+deadline; it then ends the answer through `send` as before (uvicorn writes the last chunk, or
+the relay an error event), so uvicorn's own state stays true.
+
+Only when nothing sits between the server and the relay (`send` is uvicorn's own, no
+middleware wrapping it), the answer is chunked and the client is still there. Back-pressure:
+when the client's transport asks the server to pause writing, the upstream connection stops
+reading until it resumes (uvicorn's flow control, one level down). A client that goes away
+cancels the relay (below), and the sink writes nothing more from then on.
+
+`on_client_lost`: the same server tells the relay (and the proxy's wait for admission and
+the upstream's head) that the client went away, from its `connection_lost`, where a task per
+request used to wait on `receive()` for `http.disconnect` (two tasks per request: created,
+stepped, cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from gateway.h1 import H1Response, _Conn
+
+EXTENSION = "gateway.splice"
+
+
+class Tapped(Protocol):
+    """What the relay needs of the state it shares with its deadline timer."""
+
+    clock: Callable[[], float]
+    last_read: float
+    tail: bytes
+
+
+class Client(Protocol):
+    """The client connection, as gateway/server.py offers it in the scope's extensions."""
+
+    transport: asyncio.Transport
+    splice: Splice | None
+    on_lost: Callable[[], None] | None
+
+
+class Splice:
+    """One relayed body, from `conn` to the client connection of `cycle`."""
+
+    __slots__ = ("client", "conn", "cycle", "first", "paused", "state", "transport")
+
+    def __init__(self, conn: _Conn, client: Client, cycle: RequestResponseCycle, state: Tapped,
+                 first: Callable[[], None] | None) -> None:
+        self.conn = conn
+        self.client = client
+        self.cycle = cycle
+        self.transport = client.transport
+        self.state = state
+        self.first = first
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        """The sink: what arrived, as one chunk, to the client."""
+        if self.cycle.disconnected:
+            return
+        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        state = self.state
+        state.last_read = state.clock()
+        state.tail = data
+
+    def _write_first(self, data: bytes) -> None:
+        self.write(data)
+        self.conn.sink = self.write
+        if self.first is not None:
+            self.first()
+
+    def pause(self) -> None:
+        """The client's transport is full: stop reading the upstream."""
+        transport = self.conn.transport
+        if not self.paused and transport is not None:
+            self.paused = True
+            transport.pause_reading()
+
+    def resume(self) -> None:
+        transport = self.conn.transport
+        if self.paused and transport is not None:
+            self.paused = False
+            transport.resume_reading()
+
+    async def run(self) -> None:
+        """Relay the body until it ends; raise the upstream's failure (httpx's types)."""
+        conn = self.conn
+        if conn.buf:  # arrived before the sink was set
+            self._write_first(conn.take())
+        else:
+            conn.sink = self._write_first
+        self.client.splice = self
+        if self.cycle.flow.write_paused:
+            self.pause()
+        loop = asyncio.get_running_loop()
+        try:
+            while not conn.complete:
+                if conn.error is not None:
+                    raise conn.error
+                conn.waiter = loop.create_future()
+                await conn.waiter
+        finally:
+            conn.sink = None
+            if self.client.splice is self:
+                self.client.splice = None
+            self.resume()
+
+
+def splice(scope: Scope, send: Send, upstream: Any, state: Tapped,
+           first: Callable[[], None] | None) -> Splice | None:
+    """A splice for this answer, whose head was sent; None where it cannot be used."""
+    extension = scope.get("extensions", {}).get(EXTENSION)
+    if extension is None or not isinstance(upstream, H1Response):
+        return None
+    client: Client = extension["connection"]
+    cycle = getattr(send, "__self__", None)
+    if (type(cycle) is not RequestResponseCycle or cycle.transport is not client.transport
+            or cycle.chunked_encoding is not True or cycle.disconnected
+            or scope["method"] == "HEAD"):
+        return None
+    return Splice(upstream.conn, client, cycle, state, first)
+
+
+def on_client_lost(scope: Scope, receive: Receive,
+                   callback: Callable[[], None]) -> Callable[[], object] | None:
+    """Have the gateway's server call `callback` once if this request's client goes away
+    (no task watching `receive`); the function that calls it off. None where the connection
+    is not the server's, or already watched: the caller watches `receive` in a task."""
+    extension = scope.get("extensions", {}).get(EXTENSION)
+    cycle = getattr(receive, "__self__", None)
+    if extension is None or type(cycle) is not RequestResponseCycle:
+        return None
+    client: Client = extension["connection"]
+    if cycle.transport is not client.transport or client.on_lost is not None:
+        return None
+    if cycle.disconnected:  # gone already: as a watching task would, on the next turn
+        return asyncio.get_running_loop().call_soon(callback).cancel
+    client.on_lost = callback
+
+    def off() -> None:
+        if client.on_lost is callback:
+            client.on_lost = None
+
+    return off

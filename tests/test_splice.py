@@ -1,0 +1,186 @@
+"""The splice (gateway/splice.py): a chunked upstream body written straight to the client.
+
+The gateway's own server (`gateway.server.protocol_class`, uvicorn in this process) in front
+of a raw-socket upstream: the body arrives byte for byte with the connection still usable, a
+client that stops reading pauses the upstream (the gateway buffers nothing), a client that
+leaves closes the upstream connection, and an upstream that breaks, sends bad framing or
+stalls mid-body ends the answer with an error event in a well-framed body. Every test checks
+the splice wrote the body (not the ordinary relay, which gateway/relay.py keeps for other
+servers and clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway import splice
+from gateway.server import ConnectionLimits, protocol_class
+from gateway.settings import GatewaySettings
+from test_upstream_deadlines import CHUNK, EVENT, READ, SSE_HEAD, RawUpstream, answering
+
+pytestmark = [pytest.mark.gateway, pytest.mark.anyio]
+
+MARGIN = 2.0
+BODY = {"model": "m", "stream": True, "messages": []}
+
+
+@pytest.fixture
+def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bytes each `Splice.write` call was given."""
+    seen: list[int] = []
+    write = splice.Splice.write
+
+    def counting(self: splice.Splice, data: bytes) -> None:
+        seen.append(len(data))
+        write(self, data)
+
+    monkeypatch.setattr(splice.Splice, "write", counting)
+    return seen
+
+
+class Served:
+    """`create_app` for one model at `url`, served by the gateway's server on loopback."""
+
+    def __init__(self, url: str, read: float = READ) -> None:
+        from fleet.registry import parse_registry
+        from gateway.app import create_app
+
+        self.app = create_app(parse_registry(f'[models.m]\nurl = "{url}"\n'),
+                              GatewaySettings(read_timeout=read, upstream_client="h1"))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(self.app, http=protocol_class(ConnectionLimits()),
+                                lifespan="off", log_level="warning",
+                                timeout_graceful_shutdown=2)
+        config.load()
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> Served:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        self.server.lifespan = self.server.config.lifespan_class(self.server.config)
+        await self.server.startup(sockets=[self.sock])
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        await self.server.shutdown()
+        await self._lifespan.__aexit__(None, None, None)
+        self.sock.close()
+
+
+def events(text: str) -> list[str]:
+    return [e for e in text.split("\n\n") if e]
+
+
+async def test_a_stream_arrives_byte_for_byte_and_the_connection_stays_usable(
+        spliced: list[int]) -> None:
+    parts = [b"%x\r\n%s\r\n" % (len(e), e) for e in
+             (b"data: 1\n\n", b"data: 22\n\n", b"data: [DONE]\n\n")]
+    upstream = answering(SSE_HEAD, parts[0], parts[1] + parts[2], b"0\r\n\r\n", then="close")
+    async with (RawUpstream(upstream) as up, Served(up.url) as gw,
+                httpx.AsyncClient(base_url=gw.url) as client):
+        r = await client.post("/v1/chat/completions", json=BODY)
+        assert r.status_code == 200
+        assert r.text == "data: 1\n\ndata: 22\n\ndata: [DONE]\n\n"
+        assert r.headers["content-type"] == "text/event-stream"
+        assert r.headers["transfer-encoding"] == "chunked"
+        # the same connection answers the next request (uvicorn's state is whole)
+        health = await client.get("/health")
+        assert health.status_code == 200
+        assert len(client._transport._pool.connections) == 1  # type: ignore[attr-defined]
+    assert spliced == [9, 24]  # what arrived together went out together
+
+
+async def test_a_client_that_stops_reading_pauses_the_upstream(spliced: list[int]) -> None:
+    chunk = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
+    count = 400  # 25 MiB in all
+    written = [0]
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    stop: asyncio.Event) -> None:
+        writer.write(SSE_HEAD)
+        for _ in range(count):
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await writer.drain()
+            written[0] += len(chunk)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    # the read timeout counts silence from the model, which a paused stream also is
+    async with RawUpstream(flood) as up, Served(up.url, read=60) as gw:
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: "
+                   b"application/json\r\ncontent-length: %d\r\n\r\n%s")
+        payload = json.dumps(BODY).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
+        try:
+            writer.write(request % (len(payload), payload))
+            await reader.readuntil(b"\r\n\r\n")
+            reader._transport.pause_reading()  # type: ignore[attr-defined]  # stop reading
+            samples = [-1]
+            deadline = time.monotonic() + 10
+            while samples[-1] != written[0]:  # poll until the upstream's writing stalls
+                assert time.monotonic() < deadline, "the upstream never stalled"
+                samples.append(written[0])
+                await asyncio.sleep(0.3)  # sampling period of the upstream's progress
+            stalled = written[0]
+            assert 0 < stalled < 12 * 1024 * 1024, stalled  # bounded: kernel buffers, no more
+            reader._transport.resume_reading()  # type: ignore[attr-defined]
+            received = 0
+            while True:
+                size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+                data = await reader.readexactly(size + 2)
+                assert data.endswith(b"\r\n")
+                if size == 0:
+                    break
+                received += size
+        finally:
+            writer.close()
+    assert received == count * len(chunk) == written[0]
+    assert sum(spliced) == received
+
+
+async def test_a_client_leaving_mid_stream_closes_the_upstream(spliced: list[int]) -> None:
+    # a read timeout far away: only the disconnect can close the upstream in time
+    async with RawUpstream(answering(SSE_HEAD, CHUNK)) as up, Served(up.url, read=60) as gw:
+        async with (httpx.AsyncClient(base_url=gw.url) as client,
+                    client.stream("POST", "/v1/chat/completions", json=BODY) as r):
+            async for piece in r.aiter_raw():
+                assert piece == EVENT
+                break
+        await asyncio.wait_for(up.closed.wait(), MARGIN)
+    assert spliced == [len(EVENT)]
+
+
+@pytest.mark.parametrize("tail", [b"ZZZZ\r\n\r\n", b"%x\r\ndata: cut" % len(EVENT), b"stall"])
+async def test_an_upstream_failing_mid_body_ends_with_an_error_event(
+        spliced: list[int], tail: bytes) -> None:
+    parts = (SSE_HEAD, CHUNK) if tail == b"stall" else (SSE_HEAD, CHUNK, tail)
+    then = "stall" if tail in (b"stall", b"ZZZZ\r\n\r\n") else "close"
+    async with (RawUpstream(answering(*parts, then=then)) as up, Served(up.url) as gw,
+                httpx.AsyncClient(base_url=gw.url) as client):
+        start = time.monotonic()
+        r = await client.post("/v1/chat/completions", json=BODY)  # httpx checks framing
+        took = time.monotonic() - start
+    assert r.status_code == 200
+    got = events(r.text)
+    assert got[0] == EVENT.decode().strip()
+    error = json.loads(got[-1].removeprefix("data: "))["error"]
+    assert error["code"] in (502, 504), error
+    assert took < READ + MARGIN
+    assert spliced[0] == len(EVENT)
+
