@@ -91,13 +91,12 @@ class _Guard:
     def waiting(self, conn: GuardedHttpTools) -> None:
         """`conn` waits for a request head from now on (the newest idle connection)."""
         self.idle[conn] = None
-        if self._sweep is None:
-            self._sweep = conn.loop.call_later(self.interval, self.sweep, conn.loop)
+        self.watch(conn.loop)
 
-    def body_pending(self, conn: GuardedHttpTools) -> None:
-        """`conn`'s request body did not all come with its head: watch its deadline."""
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A connection has a deadline to keep: make sure the sweep runs."""
         if self._sweep is None:
-            self._sweep = conn.loop.call_later(self.interval, self.sweep, conn.loop)
+            self._sweep = loop.call_later(self.interval, self.sweep, loop)
 
     def sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweep = None
@@ -208,9 +207,8 @@ class GuardedHttpTools(HttpToolsProtocol):
                                            f"fewer or smaller headers.")
                     return
         super().data_received(data)
-        guard = self.guard
-        if self in guard.bodies and guard._sweep is None:
-            guard.body_pending(self)
+        if self in self.guard.bodies:  # its body did not all come with this read
+            self.guard.watch(self.loop)
 
     def on_headers_complete(self) -> None:
         self._head_budget = None
