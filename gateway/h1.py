@@ -11,141 +11,22 @@ where aiohttp's parser waits forever) or a close before the head `RemoteProtocol
 close mid-body `ReadError`. Silence mid-body is bounded by the reader (the relay's deadline
 timer, `aread`, `aiter_raw`). Connections are kept alive (at most `max_keepalive` idle, closed
 after `keepalive_expiry`) and reused only after a response was read to its end; one dropped
-early is closed at once (vLLM aborts). Reading pauses while more than `_HIGH_WATER` bytes
-wait for a slow reader (back-pressure to the upstream, flat memory).
+early is closed at once (vLLM aborts). Reading pauses while more than `h1_conn.HIGH_WATER`
+bytes wait for a slow reader (back-pressure to the upstream, flat memory).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
-import httptools
 import httpx
 
-_HIGH_WATER = 256 * 1024
+from gateway.h1_conn import Conn
+
 _SMALL_BODY = 64 * 1024
-
-
-class _Conn(asyncio.Protocol):
-    """One upstream connection; one request at a time."""
-
-    __slots__ = ("_drain", "_paused", "buf", "buffered", "complete", "error", "head", "headers",
-                 "idle_since", "keep_alive", "lost", "parser", "sink", "status", "transport",
-                 "until_close", "waiter")
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.parser: Any = None
-        self.lost = False
-        self.idle_since = 0.0
-        self._drain: asyncio.Future[None] | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.buf: list[bytes] = []
-        self.buffered = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.status = 0
-        self.head = self.complete = self.keep_alive = self.until_close = False
-        self.error: httpx.HTTPError | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self._paused = False
-        self.sink: Callable[[bytes], None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"malformed answer from the upstream: {exc}"))
-            assert self.transport is not None
-            self.transport.close()
-        if self.sink is not None and self.buf:
-            buf = self.buf
-            self.sink(buf[0] if len(buf) == 1 else b"".join(buf))
-            buf.clear()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self.complete:
-            return
-        if self.head and self.until_close and exc is None:
-            self.complete = True  # a body delimited by the end of the connection
-        elif self.head:
-            self._fail(httpx.ReadError("the upstream closed the connection mid-body"))
-        else:
-            self._fail(httpx.RemoteProtocolError("the upstream closed the connection "
-                                                 "without answering"))
-        self._wake()
-        self.resume_writing()
-
-    def pause_writing(self) -> None:
-        if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        parser = self.parser
-        self.status = parser.get_status_code()
-        self.head = True
-        self.until_close = not parser.should_keep_alive() and not any(
-            k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self.buf.append(body)
-        if self.sink is not None:
-            return
-        self.buffered += len(body)
-        if self.buffered > _HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-        self.keep_alive = self.parser.should_keep_alive()
-        self._wake()
-
-    def _fail(self, exc: httpx.HTTPError) -> None:
-        if self.error is None:
-            self.error = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def take(self) -> bytes:
-        buf = self.buf
-        data = buf[0] if len(buf) == 1 else b"".join(buf)
-        buf.clear()
-        self.buffered = 0
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        return data
-
-    async def drain(self) -> None:
-        if self._drain is not None:
-            await self._drain
 
 
 class _Headers:
@@ -172,7 +53,7 @@ class H1Response:
     __slots__ = ("_client", "_loop", "_released", "conn", "headers", "read_timeout",
                  "status_code", "total_deadline")
 
-    def __init__(self, client: H1Client, conn: _Conn, read_timeout: float | None) -> None:
+    def __init__(self, client: H1Client, conn: Conn, read_timeout: float | None) -> None:
         self._client = client
         self.conn = conn  # the connection the body arrives on (gateway/splice.py: its sink)
         self._loop = asyncio.get_running_loop()
@@ -241,7 +122,7 @@ class H1Client:
         keepalive = limits.max_keepalive_connections
         self.max_keepalive: int = self.max_connections if keepalive is None else keepalive
         self.keepalive_expiry = limits.keepalive_expiry or 4.0
-        self._idle: list[_Conn] = []
+        self._idle: list[Conn] = []
         self._active = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
@@ -292,14 +173,18 @@ class H1Client:
                         raise httpx.WriteTimeout(f"request body not taken within "
                                                  f"{timeout.write:g} s") from None
             if not conn.head and conn.error is None:
+                loop = asyncio.get_running_loop()
+                # a timer on the connection, not asyncio.timeout (a context manager, a timer
+                # and a task cancellation per request)
+                late = None if timeout.read is None else loop.call_at(
+                    loop.time() + timeout.read, conn.head_late, timeout.read)
                 try:
-                    async with asyncio.timeout(timeout.read):
-                        while not conn.head and conn.error is None:
-                            conn.waiter = asyncio.get_running_loop().create_future()
-                            await conn.waiter
-                except TimeoutError:
-                    raise httpx.ReadTimeout(f"no response head within {timeout.read:g} s") \
-                        from None
+                    while not conn.head and conn.error is None:
+                        conn.waiter = loop.create_future()
+                        await conn.waiter
+                finally:
+                    if late is not None:
+                        late.cancel()
             if conn.error is not None and not conn.head:
                 raise conn.error
         except BaseException:
@@ -338,7 +223,7 @@ class H1Client:
             if not waiter.done():
                 waiter.set_exception(httpx.PoolTimeout("the client was closed"))
 
-    async def _acquire(self, timeout: httpx.Timeout) -> _Conn:
+    async def _acquire(self, timeout: httpx.Timeout) -> Conn:
         if self._closed:
             raise httpx.ConnectError("the upstream client is closed")
         loop = asyncio.get_running_loop()
@@ -369,7 +254,7 @@ class H1Client:
         self._active += 1
         try:
             async with asyncio.timeout(timeout.connect):
-                _, conn = await loop.create_connection(_Conn, self.host, self.port)
+                _, conn = await loop.create_connection(Conn, self.host, self.port)
         except BaseException as exc:
             self._active -= 1
             self._wake_one()
@@ -381,7 +266,7 @@ class H1Client:
             raise
         return conn
 
-    def _release(self, conn: _Conn, reusable: bool) -> None:
+    def _release(self, conn: Conn, reusable: bool) -> None:
         self._active -= 1
         if (reusable and not conn.lost and not self._closed
                 and len(self._idle) < self.max_keepalive):

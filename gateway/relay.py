@@ -116,11 +116,15 @@ class RelayResponse(Response):
             await self.upstream.aclose()
 
     async def _pump(self, scope: Scope, send: Send, state: _WatchState) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
+        start: Message = {"type": "http.response.start", "status": self.status_code,
+                          "headers": self.raw_headers}
+        spliced = splice(scope, send, self.upstream, state, self.on_first_chunk)
+        if spliced is None:
+            await send(start)
+        elif not await spliced.start(send, start):
+            spliced = None
         readany: Callable[[], Awaitable[bytes]] | None = getattr(self.upstream, "readany", None)
         try:
-            spliced = splice(scope, send, self.upstream, state, self.on_first_chunk)
             if spliced is not None:
                 await spliced.run()
             elif readany is not None:

@@ -28,10 +28,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from gateway.h1 import H1Response, _Conn
+from gateway.h1 import H1Response
+from gateway.h1_conn import Conn
 
 EXTENSION = "gateway.splice"
 
@@ -52,12 +53,26 @@ class Client(Protocol):
     on_lost: Callable[[], None] | None
 
 
+class _Held:
+    """The client's transport, as uvicorn sees it while it writes a head that is to leave
+    with the body's first bytes: what it writes is kept."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
 class Splice:
     """One relayed body, from `conn` to the client connection of `cycle`."""
 
-    __slots__ = ("client", "conn", "cycle", "first", "paused", "state", "transport")
+    __slots__ = ("client", "conn", "cycle", "ended", "first", "head", "paused", "state",
+                 "transport")
 
-    def __init__(self, conn: _Conn, client: Client, cycle: RequestResponseCycle, state: Tapped,
+    def __init__(self, conn: Conn, client: Client, cycle: RequestResponseCycle, state: Tapped,
                  first: Callable[[], None] | None) -> None:
         self.conn = conn
         self.client = client
@@ -66,19 +81,54 @@ class Splice:
         self.state = state
         self.first = first
         self.paused = False
+        self.head = b""  # the answer's head, held to leave with the body's first bytes
+        self.ended = False  # the last chunk was written
+
+    async def start(self, send: Send, message: Message) -> bool:
+        """Send the answer's head (`message`); False if it is not chunked (then the ordinary
+        relay sends the body). When body bytes have arrived already, uvicorn writes the head
+        into a holder and it leaves with them, in one write instead of two."""
+        cycle = self.cycle
+        if not self.conn.buf or cycle.flow.write_paused:
+            await send(message)
+            return cycle.chunked_encoding is True
+        held = _Held()
+        cycle.transport = held  # type: ignore[assignment]
+        try:
+            await send(message)
+        finally:
+            cycle.transport = self.transport
+        if cycle.chunked_encoding is True:
+            self.head = held.data
+            return True
+        self.transport.write(held.data)
+        return False
 
     def write(self, data: bytes) -> None:
-        """The sink: what arrived, as one chunk, to the client."""
+        """The sink: what arrived, as one chunk, to the client (with the last chunk when the
+        body ended in the same arrival: one write, where uvicorn would make a second)."""
         if self.cycle.disconnected:
             return
-        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if self.conn.complete:
+            self.ended = True
+            self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
+        else:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         state = self.state
         state.last_read = state.clock()
         state.tail = data
 
     def _write_first(self, data: bytes) -> None:
-        self.write(data)
+        """`write`, with the held head (if any) in front."""
         self.conn.sink = self.write
+        head, self.head = self.head, b""
+        if not self.cycle.disconnected:
+            self.ended = self.conn.complete
+            self.transport.write(b"%b%x\r\n%b\r\n%b" % (
+                head, len(data), data, b"0\r\n\r\n" if self.ended else b""))
+            state = self.state
+            state.last_read = state.clock()
+            state.tail = data
         if self.first is not None:
             self.first()
 
@@ -101,6 +151,9 @@ class Splice:
         if conn.buf:  # arrived before the sink was set
             self._write_first(conn.take())
         else:
+            if self.head:  # not held by `start` without body bytes; written, to be sure
+                self.transport.write(self.head)
+                self.head = b""
             conn.sink = self._write_first
         self.client.splice = self
         if self.cycle.flow.write_paused:
@@ -117,19 +170,23 @@ class Splice:
             if self.client.splice is self:
                 self.client.splice = None
             self.resume()
+        if self.ended:
+            # The last chunk is written: uvicorn is to end the answer without writing it
+            # again (unchunked with nothing left to send, it writes b"": no system call).
+            self.cycle.chunked_encoding = False
 
 
 def splice(scope: Scope, send: Send, upstream: Any, state: Tapped,
            first: Callable[[], None] | None) -> Splice | None:
-    """A splice for this answer, whose head was sent; None where it cannot be used."""
+    """A splice for this answer, whose head is not sent yet (`Splice.start` sends it); None
+    where it cannot be used."""
     extension = scope.get("extensions", {}).get(EXTENSION)
     if extension is None or not isinstance(upstream, H1Response):
         return None
     client: Client = extension["connection"]
     cycle = getattr(send, "__self__", None)
     if (type(cycle) is not RequestResponseCycle or cycle.transport is not client.transport
-            or cycle.chunked_encoding is not True or cycle.disconnected
-            or scope["method"] == "HEAD"):
+            or cycle.response_started or cycle.disconnected or scope["method"] == "HEAD"):
         return None
     return Splice(upstream.conn, client, cycle, state, first)
 

@@ -15,6 +15,7 @@ import asyncio
 import json
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -34,15 +35,19 @@ BODY = {"model": "m", "stream": True, "messages": []}
 
 @pytest.fixture
 def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Bytes each `Splice.write` call was given."""
+    """Bytes each call of the splice's sink (`Splice.write`, `Splice._write_first` for the
+    first arrival) was given."""
     seen: list[int] = []
-    write = splice.Splice.write
 
-    def counting(self: splice.Splice, data: bytes) -> None:
-        seen.append(len(data))
-        write(self, data)
+    def counting(sink: Callable[[splice.Splice, bytes], None]
+                 ) -> Callable[[splice.Splice, bytes], None]:
+        def counted(self: splice.Splice, data: bytes) -> None:
+            seen.append(len(data))
+            sink(self, data)
+        return counted
 
-    monkeypatch.setattr(splice.Splice, "write", counting)
+    for name in ("write", "_write_first"):
+        monkeypatch.setattr(splice.Splice, name, counting(getattr(splice.Splice, name)))
     return seen
 
 
@@ -100,6 +105,55 @@ async def test_a_stream_arrives_byte_for_byte_and_the_connection_stays_usable(
         assert health.status_code == 200
         assert len(client._transport._pool.connections) == 1  # type: ignore[attr-defined]
     assert spliced == [9, 24]  # what arrived together went out together
+
+
+class _Counting:
+    """The client's transport, counting what is written to it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.writes.append(data)
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_the_head_and_the_last_chunk_share_the_writes_of_the_bytes_beside_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head that arrives with the first event leaves with it, and the body's end with the
+    last event: three writes to the client for three arrivals (uvicorn made five: the head,
+    each event, the last chunk), and uvicorn's state stays whole (the connection is reused)."""
+    counted: list[_Counting] = []
+    make = splice.splice
+
+    def counting(*args: Any) -> splice.Splice | None:
+        made = make(*args)
+        if made is not None:
+            made.transport = made.cycle.transport = _Counting(made.transport)  # type: ignore
+            counted.append(made.transport)  # type: ignore[arg-type]
+        return made
+
+    monkeypatch.setattr("gateway.relay.splice", counting)
+    parts = [b"%x\r\n%s\r\n" % (len(e), e) for e in
+             (b"data: 1\n\n", b"data: 22\n\n", b"data: [DONE]\n\n")]
+    upstream = answering(SSE_HEAD + parts[0], parts[1], parts[2] + b"0\r\n\r\n",
+                         then="close")
+    async with (RawUpstream(upstream) as up, Served(up.url) as gw,
+                httpx.AsyncClient(base_url=gw.url) as client):
+        r = await client.post("/v1/chat/completions", json=BODY)
+        assert r.text == "data: 1\n\ndata: 22\n\ndata: [DONE]\n\n"
+        assert (await client.get("/health")).status_code == 200
+        assert len(client._transport._pool.connections) == 1  # type: ignore[attr-defined]
+    [transport] = counted
+    first, middle, last = transport.writes
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(parts[0])
+    assert middle == parts[1]
+    assert last == parts[2] + b"0\r\n\r\n"
 
 
 async def test_a_client_that_stops_reading_pauses_the_upstream(spliced: list[int]) -> None:

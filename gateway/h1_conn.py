@@ -1,0 +1,144 @@
+"""One upstream HTTP/1.1 connection of gateway/h1.py: an asyncio protocol around llhttp.
+
+`data_received` feeds `httptools`' C parser. Its body callback appends what was parsed to
+`buf` and wakes the one reader, or, with a `sink` set (gateway/splice.py), `data_received`
+hands what arrived together to the sink at once, waking nobody. Reading pauses while more than
+`HIGH_WATER` bytes wait for a slow reader (back-pressure to the upstream, flat memory).
+Failures are httpx's types, kept in `error` for the reader: framing llhttp rejects
+`RemoteProtocolError` (at once), a close before the head `RemoteProtocolError`, a close
+mid-body `ReadError`, no head in time (`head_late`, a timer of `H1Client.send`) `ReadTimeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+import httpx
+
+HIGH_WATER = 256 * 1024
+
+
+class Conn(asyncio.Protocol):
+    """One upstream connection; one request at a time."""
+
+    __slots__ = ("_drain", "_paused", "buf", "buffered", "complete", "error", "head", "headers",
+                 "idle_since", "keep_alive", "lost", "parser", "sink", "status", "transport",
+                 "until_close", "waiter")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser: Any = None
+        self.lost = False
+        self.idle_since = 0.0
+        self._drain: asyncio.Future[None] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.buf: list[bytes] = []
+        self.buffered = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.status = 0
+        self.head = self.complete = self.keep_alive = self.until_close = False
+        self.error: httpx.HTTPError | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self.sink: Callable[[bytes], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"malformed answer from the upstream: {exc}"))
+            assert self.transport is not None
+            self.transport.close()
+        if self.sink is not None and self.buf:
+            buf = self.buf
+            self.sink(buf[0] if len(buf) == 1 else b"".join(buf))
+            buf.clear()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.complete:
+            return
+        if self.head and self.until_close and exc is None:
+            self.complete = True  # a body delimited by the end of the connection
+        elif self.head:
+            self._fail(httpx.ReadError("the upstream closed the connection mid-body"))
+        else:
+            self._fail(httpx.RemoteProtocolError("the upstream closed the connection "
+                                                 "without answering"))
+        self._wake()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self.status = parser.get_status_code()
+        self.head = True
+        self.until_close = not parser.should_keep_alive() and not any(
+            k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.buf.append(body)
+        if self.sink is not None:
+            return
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
+        self._wake()
+
+    def head_late(self, limit: float) -> None:
+        """No response head within `limit` seconds (a timer set by `H1Client.send`)."""
+        if not self.head:
+            self._fail(httpx.ReadTimeout(f"no response head within {limit:g} s"))
+
+    def _fail(self, exc: httpx.HTTPError) -> None:
+        if self.error is None:
+            self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def take(self) -> bytes:
+        buf = self.buf
+        data = buf[0] if len(buf) == 1 else b"".join(buf)
+        buf.clear()
+        self.buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def drain(self) -> None:
+        if self._drain is not None:
+            await self._drain
