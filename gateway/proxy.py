@@ -50,8 +50,12 @@ MODEL_ENDPOINTS: tuple[str, ...] = (
 INSTANCE_GET_ENDPOINTS: tuple[str, ...] = ("/health", "/v1/models", "/version", "/load")
 
 _POST_ONLY = frozenset((*MODEL_ENDPOINTS, "/v1/infer"))
-_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host",
-        "content-length", "proxy-connection", "proxy-authorization", "expect"}
+# Not passed on to the upstream (names as the server gives them: lower-case bytes); the
+# request id is set anew.
+_NOT_FORWARDED = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te",
+                            b"trailer", b"upgrade", b"host", b"content-length",
+                            b"proxy-connection", b"proxy-authorization", b"expect",
+                            b"x-request-id"))
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
@@ -73,7 +77,7 @@ class Proxy:
     # -- routes ---------------------------------------------------------------------------
     async def by_body(self, request: Request) -> Response:
         request.state.started = time.perf_counter()
-        return await self._forward(request, request.url.path, prefix=None)
+        return await self._forward(request, request.scope["path"], prefix=None)
 
     async def by_prefix(self, request: Request) -> Response:
         request.state.started = time.perf_counter()
@@ -190,10 +194,9 @@ class Proxy:
         replica, then (with the request's ticket in `revive`) let the admitter revive the
         model once."""
         rid = request.state.request_id
-        headers = [(k, v) for k, v in request.headers.raw
-                   if k.decode("latin-1") not in _HOP and k != b"x-request-id"]
+        headers = [(k, v) for k, v in request.scope["headers"] if k not in _NOT_FORWARDED]
         headers.append((b"x-request-id", rid.encode()))
-        params = request.url.query or None
+        params = request.scope.get("query_string", b"").decode() or None  # as Starlette's URL
         timeout = state.timeouts.get(route.model)
         extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
         replicas = state.instances[route.model]
