@@ -56,7 +56,7 @@ class H1Response:
     def __init__(self, client: H1Client, conn: Conn, read_timeout: float | None) -> None:
         self._client = client
         self.conn = conn  # the connection the body arrives on (gateway/splice.py: its sink)
-        self._loop = asyncio.get_running_loop()
+        self._loop = conn.loop
         self._released = False
         self.status_code = conn.status
         self.headers = _Headers(conn.headers)
@@ -173,7 +173,7 @@ class H1Client:
                         raise httpx.WriteTimeout(f"request body not taken within "
                                                  f"{timeout.write:g} s") from None
             if not conn.head and conn.error is None:
-                loop = asyncio.get_running_loop()
+                loop = conn.loop
                 # a timer on the connection, not asyncio.timeout (a context manager, a timer
                 # and a task cancellation per request)
                 late = None if timeout.read is None else loop.call_at(
@@ -270,7 +270,7 @@ class H1Client:
         self._active -= 1
         if (reusable and not conn.lost and not self._closed
                 and len(self._idle) < self.max_keepalive):
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = conn.loop.time()
             conn.waiter = None
             self._idle.append(conn)
         elif conn.transport is not None:

@@ -25,11 +25,14 @@ class Conn(asyncio.Protocol):
     """One upstream connection; one request at a time."""
 
     __slots__ = ("_drain", "_paused", "buf", "buffered", "complete", "error", "head", "headers",
-                 "idle_since", "keep_alive", "lost", "parser", "sink", "status", "transport",
-                 "until_close", "waiter")
+                 "idle_since", "keep_alive", "loop", "lost", "parser", "sink", "status",
+                 "transport", "until_close", "waiter")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        # made inside the loop (create_connection): kept, as asyncio.get_running_loop() is a
+        # getpid() system call each time on Python 3.11
+        self.loop = asyncio.get_running_loop()
         self.parser: Any = None
         self.lost = False
         self.idle_since = 0.0
@@ -79,7 +82,7 @@ class Conn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._drain is None:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self.loop.create_future()
 
     def resume_writing(self) -> None:
         drain, self._drain = self._drain, None

@@ -87,7 +87,7 @@ class RelayResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.current_task()
         assert pump is not None
-        loop = asyncio.get_running_loop()
+        loop = pump.get_loop()
         state = _WatchState(loop)
         state.pump = pump
         stop_watch: Callable[[], object] | None = on_client_lost(scope, receive,

@@ -158,7 +158,7 @@ class Splice:
         self.client.splice = self
         if self.cycle.flow.write_paused:
             self.pause()
-        loop = asyncio.get_running_loop()
+        loop = conn.loop
         try:
             while not conn.complete:
                 if conn.error is not None:
