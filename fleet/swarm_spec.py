@@ -18,7 +18,9 @@ The service shape (`service_spec`), pure and unit-tested:
   config.toml): Swarm picks the GPUs, so use it for whole-GPU (`dedicated`) models.
 - Ports: published in host mode on the replica's port (no routing mesh: it needs IPVS),
   endpoint mode `dnsrr` (no virtual IP), so an overlay network resolves the service name to
-  its task.
+  its task; on `[cluster] network` the task also answers to the replica's compose name
+  (`vllm-<name>`, `vllm-<name>-r<i>`), the name a gateway with `FLEET_UPSTREAM_HOST=service`
+  uses.
 - Restart policy `any` after 5 s: a crashed replica or a lost node is replaced by Swarm.
 """
 
@@ -33,8 +35,8 @@ from fleet.cluster import (
     Cluster,
 )
 from fleet.containers import ContainerRecord, parse_time
-from fleet.registry import Registry
-from fleet.spec import LABEL_MANAGED, LABEL_MODEL, LABEL_SPEC_HASH
+from fleet.registry import Registry, replica_service_name
+from fleet.spec import LABEL_MANAGED, LABEL_MODEL, LABEL_REPLICA, LABEL_SPEC_HASH
 
 LABEL_SWARM_NODE = "io.vllm-fleet.swarm-node"
 NVIDIA_VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
@@ -146,7 +148,10 @@ def service_spec(run_kwargs: Mapping[str, Any], registry: Registry, *,
         "Resources": {"Reservations": {"GenericResources": generic}} if generic else {},
     }
     if cluster.network:
-        task["Networks"] = [{"Target": cluster.network}]
+        # the replica's compose name on the overlay: a gateway on it with
+        # FLEET_UPSTREAM_HOST=service reaches `vllm-<name>` (`vllm-<name>-r<i>`), as in compose
+        alias = replica_service_name(model, int(labels.get(LABEL_REPLICA, 0)))
+        task["Networks"] = [{"Target": cluster.network, "Aliases": [alias]}]
     return {
         "name": run_kwargs["name"],
         "labels": labels,

@@ -24,6 +24,7 @@ from gateway.activation import FleetPort
 from gateway.app import create_app
 from gateway.auth import AccessConfigError
 from gateway.logs import configure_logging
+from gateway.routing import addressing_problem
 from gateway.server import serve
 from gateway.settings import GatewaySettings, env_name, unknown_variables
 
@@ -110,8 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.model_copy(update={"upstream_client": "h1"})
     # --registry / GATEWAY_REGISTRY > FLEET_REGISTRY_JSON > FLEET_REGISTRY > MODEL_ID
     # > ./models.toml
-    load = functools.partial(load_registry_from_env,
+    read = functools.partial(load_registry_from_env,
                              flags.get("registry") or os.environ.get("GATEWAY_REGISTRY") or None)
+
+    def load() -> Registry:  # at start and on every reload
+        registry = read()
+        problem = addressing_problem(registry, settings.upstream_host)
+        if problem is not None:
+            raise RegistryError(registry.source, [problem])
+        return registry
+
     try:
         registry = load()
     except RegistryError as exc:

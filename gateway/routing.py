@@ -1,5 +1,12 @@
 """The routing table: model name or alias -> the route to the replicas that serve it (derived
-from the registry)."""
+from the registry).
+
+Where a managed model is reached: on one host, at `upstream_host` (`127.0.0.1` beside the
+containers, `service` inside compose: `vllm-<name>`); on a Swarm, at its port on every node it
+may run on (host-mode published ports), or, for a gateway on the Swarm's overlay network
+(`[cluster] network`) with `upstream_host` `service`, by name on that network (each replica
+answers to `vllm-<name>`, `vllm-<name>-r<i>` there: `fleet.swarm_spec`).
+"""
 
 from __future__ import annotations
 
@@ -28,8 +35,8 @@ class RoutingTable:
         self.registry = registry
         self.routes: dict[str, Route] = {}
         for name, spec in registry.models.items():
-            if registry.swarm and spec.managed:  # each replica's port on each allowed node
-                urls = tuple(node_urls(registry.nodes, spec))
+            if registry.swarm and spec.managed and upstream_host != "service":
+                urls = tuple(node_urls(registry.nodes, spec))  # its port on each allowed node
             else:
                 urls = tuple(replica_urls(registry, spec, upstream_host))
             self.routes[name] = Route(
@@ -53,3 +60,14 @@ class RoutingTable:
 
     def base_urls(self) -> set[str]:
         return {url for route in self.routes.values() for url in route.replicas}
+
+
+def addressing_problem(registry: Registry, upstream_host: str) -> str | None:
+    """Why `registry`'s managed models cannot be reached at `upstream_host`, or None."""
+    if (registry.swarm and upstream_host == "service"
+            and not (registry.cluster and registry.cluster.network)):
+        return ("GATEWAY_UPSTREAM_HOST=service reaches a Swarm's models by name on its overlay "
+                "network, and [cluster] sets no `network`: add `network = \"NAME\"` (an "
+                "attachable overlay network the gateway's container joins) to [cluster], or "
+                "unset GATEWAY_UPSTREAM_HOST to reach the models on the nodes' published ports")
+    return None

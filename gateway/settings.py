@@ -25,7 +25,8 @@ class GatewaySettings(BaseSettings):
     )
     upstream_host: str = Field(
         default="127.0.0.1",
-        description="host of managed models; 'service' inside compose (vllm-<name>)",
+        description="host of managed models; 'service' inside compose or on a Swarm's "
+                    "overlay network (vllm-<name>)",
     )
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds to connect to a model")
     read_timeout: float = Field(default=600.0, gt=0,

@@ -33,6 +33,17 @@ def test_bad_registry_exits_2_naming_the_field(tmp_path: Path) -> None:
     assert "model 'a': unknown field 'prot' (did you mean 'port'?)" in proc.stderr
 
 
+def test_service_addressing_on_a_swarm_without_its_network_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "swarm.toml"
+    path.write_text('[cluster]\nengine = "swarm"\n[nodes.n1]\naddress = "10.9.0.1"\n'
+                    '[models.m]\nsource = "org/m"\nport = 8001\n')
+    proc = run("--registry", str(path), env={**os.environ, "GATEWAY_UPSTREAM_HOST": "service"})
+    assert proc.returncode == 2, proc.stderr
+    assert f"{path}: invalid registry" in proc.stderr
+    assert "[cluster] sets no `network`" in proc.stderr and "unset GATEWAY_UPSTREAM_HOST" \
+        in proc.stderr
+
+
 def test_missing_registry_exits_2(tmp_path: Path) -> None:
     proc = run("--registry", str(tmp_path / "none.toml"))
     assert proc.returncode == 2 and "file not found" in proc.stderr

@@ -16,12 +16,12 @@ from fleet.cli import main as fleet_main
 from fleet.cluster import candidate_nodes, node_urls, planning_node
 from fleet.health import HealthResult
 from fleet.placement import check_placement
-from fleet.registry import RegistryError, parse_registry
+from fleet.registry import RegistryError, parse_registry, replica_urls
 from fleet.spec import docker_run_kwargs, replica_specs
 from fleet.stack import render_stack, stack_drift
 from fleet.swarm import SwarmProbe
 from fleet.swarm_spec import LABEL_SWARM_NODE, parse_size, record_from_service, service_spec
-from gateway.routing import RoutingTable
+from gateway.routing import RoutingTable, addressing_problem
 
 pytestmark = pytest.mark.unit
 
@@ -125,6 +125,17 @@ def test_the_gateway_routes_a_swarm_model_to_its_port_on_each_allowed_node() -> 
     assert table.resolve("small").replicas == ("http://10.9.0.2:8002",)  # type: ignore[union-attr]
 
 
+def test_a_gateway_on_the_overlay_routes_a_swarm_model_by_its_compose_name() -> None:
+    r = reg('network = "fleet-net"')
+    assert addressing_problem(r, "service") is None
+    route = RoutingTable(r, "service").resolve("small")
+    assert route is not None and route.replicas == ("http://vllm-small:8002",)
+    # the name needs the overlay: without [cluster] network it is refused, saying what to do
+    problem = addressing_problem(reg(), "service")
+    assert problem is not None and "add `network = " in problem
+    assert addressing_problem(reg(), "127.0.0.1") is None
+
+
 def kwargs_of(r: Any, model: str) -> dict[str, Any]:
     spec = replica_specs(r)[model][0]
     return service_spec(docker_run_kwargs(spec, {}), r, stop_timeout=30)
@@ -164,7 +175,23 @@ def test_generic_resource_gpus_reserve_the_advertised_kind() -> None:
     assert task["Resources"] == {"Reservations": {"GenericResources": [
         {"DiscreteResourceSpec": {"Kind": "gpu", "Value": 2}}]}}
     assert not any(e.startswith("NVIDIA_VISIBLE_DEVICES") for e in task["ContainerSpec"]["Env"])
-    assert task["Networks"] == [{"Target": "fleet-net"}]
+    # on the overlay the replica answers to its compose name too (FLEET_UPSTREAM_HOST=service)
+    assert task["Networks"] == [{"Target": "fleet-net", "Aliases": ["vllm-big"]}]
+
+
+def test_on_the_overlay_each_replica_answers_to_its_compose_name() -> None:
+    text = SWARM.format(extra='network = "fleet-net"')
+    text = text.replace("port = 8003", "port = 8013")  # room for small's second replica
+    r = parse_registry(text.replace("port = 8002\n", "port = 8002\nreplicas = 2\n"),
+                       source="swarm.toml")
+    specs = replica_specs(r)["small"]
+    aliases = [service_spec(docker_run_kwargs(s, {}), r)["task_template"]["Networks"]
+               for s in specs]
+    assert aliases == [[{"Target": "fleet-net", "Aliases": ["vllm-small"]}],
+                       [{"Target": "fleet-net", "Aliases": ["vllm-small-r1"]}]]
+    # the names the gateway uses with FLEET_UPSTREAM_HOST=service
+    assert [u.split("//")[1].split(":")[0] for u in replica_urls(r, r.models["small"], "service")
+            ] == ["vllm-small", "vllm-small-r1"]
 
 
 def test_sizes() -> None:
