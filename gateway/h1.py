@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
@@ -258,6 +259,9 @@ class H1Client:
         except BaseException as exc:
             self._active -= 1
             self._wake_one()
+            if isinstance(exc, socket.gaierror):  # e.g. an overlay name not known here yet
+                raise httpx.ConnectError(f"the name {self.host!r} does not resolve: {exc}") \
+                    from None
             if isinstance(exc, TimeoutError):
                 raise httpx.ConnectTimeout(f"no connection within {timeout.connect:g} s") \
                     from None

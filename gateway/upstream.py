@@ -99,8 +99,10 @@ def map_failure(exc: httpx.HTTPError, model: str, url: str, settings: GatewaySet
                                        "GATEWAY_WRITE_TIMEOUT")
     if isinstance(exc, httpx.TimeoutException):
         return errors.upstream_timeout(model, url, None)
-    detail = "connection refused" if isinstance(exc, httpx.ConnectError) else (
-        type(exc).__name__ + (f": {exc}" if str(exc) else ""))
+    if isinstance(exc, httpx.ConnectError):
+        detail = str(exc) if "does not resolve" in str(exc) else "connection refused"
+    else:
+        detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
     return errors.upstream_refused(model, url, detail)
 
 

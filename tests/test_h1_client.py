@@ -60,6 +60,13 @@ async def test_https_upstreams_get_another_client() -> None:
     await ups.aclose()
 
 
+async def test_a_name_that_does_not_resolve_says_so(client) -> None:
+    """Not "connection refused": on a Swarm overlay a name may not be known yet."""
+    c = client("http://vft-no-such-host.invalid:8000")
+    with pytest.raises(httpx.ConnectError, match=r"'vft-no-such-host\.invalid' does not resolve"):
+        await c.send(c.build_request("GET", "/health"))
+
+
 async def test_a_slow_reader_pauses_the_upstream(client) -> None:
     sent = 0
     blocked = asyncio.Event()

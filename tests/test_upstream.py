@@ -15,6 +15,8 @@ S = GatewaySettings(connect_timeout=2, read_timeout=30, retry_after=9)
 
 @pytest.mark.parametrize(("exc", "status", "said", "logged"), [
     (httpx.ConnectError("refused"), 502, "refused or dropped", "connection refused"),
+    (httpx.ConnectError("the name 'vllm-m' does not resolve: [Errno -2] Name or service not "
+                        "known"), 502, "refused or dropped", "'vllm-m' does not resolve"),
     (httpx.RemoteProtocolError("b'ZZZZ' bad"), 502, "refused or dropped",
      "RemoteProtocolError: b'ZZZZ' bad"),
     (httpx.ReadError("reset by peer"), 502, "refused or dropped", "ReadError: reset by peer"),
