@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from fleet.cli import main as fleet_main
-from support.docker_fixtures import REPO_ROOT, docker_cli
+from support.docker_fixtures import GATEWAY_IMAGE, REPO_ROOT, docker_cli
 from support.gateway_fixtures import GatewayProcess
 from support.swarm_fixtures import SwarmCluster
 
@@ -91,6 +91,17 @@ class Swarm:
         out, err = io.StringIO(), io.StringIO()
         code = fleet_main(["--registry", str(self.path), *args], stdout=out, stderr=err)
         return code, out.getvalue(), err.getvalue()
+
+    def fleet_with(self, path: Path, *args: str) -> tuple[int, str, str]:
+        """The fleet CLI with another registry file (on the same swarm and lock)."""
+        out, err = io.StringIO(), io.StringIO()
+        code = fleet_main(["--registry", str(path), *args], stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    def where_in(self, path: Path) -> dict[str, str | None]:
+        rows = json.loads(self.fleet_with(path, "status", "--json")[1])
+        places = {r["name"]: r.get("container") or "" for r in rows}
+        return {name: c.split("@", 1)[1] if "@" in c else None for name, c in places.items()}
 
     def ok(self, *args: str) -> str:
         code, out, err = self.fleet(*args)
@@ -320,6 +331,89 @@ def _wait_gone(swarm: Swarm, service: str, deadline: float) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"{service} still runs {deadline:.0f}s after `docker stack rm`")
+
+
+def overlay_registry(c: SwarmCluster, network: str) -> str:
+    """The test registry's cluster and nodes (same labels: `fleet up` keeps them) on the
+    overlay `network`, with one model of its own: `sim-net` on node 3."""
+    head = registry_text(c).split("[models.sim-a]", 1)[0]
+    head = head.replace(f'manager = "{c.manager_url}"\n',
+                        f'manager = "{c.manager_url}"\nnetwork = "{network}"\n')
+    return head + f'[models.sim-net]\nsource = "sim/net"\nport = 18304\nnode = "{c.names[2]}"\n'
+
+
+def test_a_gateway_on_the_overlay_reaches_a_model_by_its_compose_name(
+        swarm: Swarm, tmp_path: Path) -> None:
+    """The gateway's image as a container on node 1, on `[cluster] network` (an attachable
+    overlay) with GATEWAY_UPSTREAM_HOST=service: it routes to the model on node 3 by the name
+    `vllm-sim-net`, which the fleet gives each replica on the overlay."""
+    c = swarm.cluster
+    n1, _, n3 = c.names
+    network, gateway = f"vft-{c.run_id}-overlay", f"vft-{c.run_id}-gw"
+    c.on_manager("network", "create", "--driver", "overlay", "--attachable", network)
+    path = tmp_path / "models.toml"
+    path.write_text(overlay_registry(c, network))
+    code, out, err = -1, "", ""
+    try:
+        code, out, err = swarm.fleet_with(path, "up", "sim-net")
+        assert code == 0, f"fleet up sim-net exited {code}:\n{err}\n{out}"
+        # the gateway's image, as the nodes pull it from the local registry
+        reg = docker_cli("ps", "-q", "--filter", f"name=vft-{c.run_id}-reg").stdout.split()[0]
+        host_port = docker_cli("port", reg, "5000/tcp").stdout.split()[0].rsplit(":", 1)[1]
+        pushed = f"127.0.0.1:{host_port}/vllm-fleet/gateway:dev"
+        docker_cli("tag", GATEWAY_IMAGE, pushed)
+        try:
+            docker_cli("push", pushed, timeout=300.0)
+        finally:
+            docker_cli("rmi", pushed, check=False)
+        docker_cli("cp", str(path), f"{n1}:/tmp/vft-overlay.toml")
+        t0 = time.monotonic()
+        docker_cli("exec", n1, "docker", "run", "-d", "--name", gateway, "--network", network,
+                   "-p", "18400:8000", "-e", "GATEWAY_UPSTREAM_HOST=service",
+                   "-e", "GATEWAY_ADMIN_KEY=vft-admin",
+                   "-v", "/tmp/vft-overlay.toml:/etc/vllm-fleet/models.toml:ro",
+                   f"{c.registry}/vllm-fleet/gateway:dev", timeout=300.0)
+        url = f"http://{c.nodes[n1]}:18400"
+        _wait_http(f"{url}/health", HEALTH_TIMEOUT)
+        # The node learns the overlay's names from the Swarm once a container of its joins
+        # the network: the first seconds may answer 502 (name not found), then 200.
+        end, last = time.monotonic() + 60, ""
+        while True:
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=30.0,
+                           json={"model": "sim-net", "max_tokens": 4,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            if r.status_code == 200:
+                break
+            last = f"{r.status_code} {r.text[:300]}"
+            assert time.monotonic() < end, f"no answer by name within 60 s: {last}"
+            time.sleep(0.5)
+        record("gateway container on the overlay: started and answered by name",
+               time.monotonic() - t0)
+        assert swarm.where_in(path)["sim-net"] == n3
+        status = httpx.get(f"{url}/admin/status", timeout=10.0,
+                           headers={"authorization": "Bearer vft-admin"})
+        assert status.status_code == 200, status.text
+        replicas = status.json()["models"]["sim-net"]["replicas"]
+        assert [r["url"] for r in replicas] == ["http://vllm-sim-net:18304"]
+    finally:
+        logs = docker_cli("exec", n1, "docker", "logs", gateway, check=False)
+        docker_cli("exec", n1, "docker", "rm", "-f", gateway, check=False)
+        swarm.fleet_with(path, "down", "sim-net")
+        _wait_gone(swarm, "vllm-fleet-sim-net", 60)
+        _remove_network(c, network, 60)
+        print(logs.stdout[-2000:], logs.stderr[-2000:])
+
+
+def _remove_network(c: SwarmCluster, network: str, deadline: float) -> None:
+    """`docker network rm` once the removed service's tasks have left it."""
+    end = time.monotonic() + deadline
+    while True:
+        done = c.on_manager("network", "rm", network, check=False)
+        if done.returncode == 0 or "not found" in done.stderr:
+            return
+        if time.monotonic() > end:
+            raise TimeoutError(f"network {network} still in use: {done.stderr.strip()}")
+        time.sleep(0.5)
 
 
 def test_a_killed_node_loses_its_model_and_it_is_served_again_within_its_health_timeout(
