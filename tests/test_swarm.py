@@ -357,22 +357,14 @@ def test_a_gateway_on_the_overlay_reaches_a_model_by_its_compose_name(
     try:
         code, out, err = swarm.fleet_with(path, "up", "sim-net")
         assert code == 0, f"fleet up sim-net exited {code}:\n{err}\n{out}"
-        # the gateway's image, as the nodes pull it from the local registry
-        reg = docker_cli("ps", "-q", "--filter", f"name=vft-{c.run_id}-reg").stdout.split()[0]
-        host_port = docker_cli("port", reg, "5000/tcp").stdout.split()[0].rsplit(":", 1)[1]
-        pushed = f"127.0.0.1:{host_port}/vllm-fleet/gateway:dev"
-        docker_cli("tag", GATEWAY_IMAGE, pushed)
-        try:
-            docker_cli("push", pushed, timeout=300.0)
-        finally:
-            docker_cli("rmi", pushed, check=False)
+        image = c.push(GATEWAY_IMAGE)  # the gateway's image, as the nodes pull it
         docker_cli("cp", str(path), f"{n1}:/tmp/vft-overlay.toml")
         t0 = time.monotonic()
         docker_cli("exec", n1, "docker", "run", "-d", "--name", gateway, "--network", network,
                    "-p", "18400:8000", "-e", "GATEWAY_UPSTREAM_HOST=service",
                    "-e", "GATEWAY_ADMIN_KEY=vft-admin",
                    "-v", "/tmp/vft-overlay.toml:/etc/vllm-fleet/models.toml:ro",
-                   f"{c.registry}/vllm-fleet/gateway:dev", timeout=300.0)
+                   image, timeout=300.0)
         url = f"http://{c.nodes[n1]}:18400"
         _wait_http(f"{url}/health", HEALTH_TIMEOUT)
         # The node learns the overlay's names from the Swarm once a container of its joins

@@ -62,6 +62,18 @@ class SwarmCluster:
     def manager_url(self) -> str:
         return f"tcp://{self.nodes[self.manager]}:2375"
 
+    def push(self, image: str) -> str:
+        """Put the local `image` in the swarm's registry; the name the nodes pull it by."""
+        host_port = docker_cli("port", f"vft-{self.run_id}-reg", f"{REGISTRY_PORT}/tcp",
+                               timeout=15.0).stdout.split()[0].rsplit(":", 1)[1]
+        pushed = f"127.0.0.1:{host_port}/{image}"
+        docker_cli("tag", image, pushed)
+        try:
+            docker_cli("push", pushed, timeout=300.0)
+        finally:
+            docker_cli("rmi", pushed, check=False)
+        return f"{self.registry}/{image}"
+
     def on_manager(self, *args: str, timeout: float = 60.0,
                    check: bool = True) -> subprocess.CompletedProcess[str]:
         """`docker ARGS` run by the manager node's own client."""
@@ -136,14 +148,7 @@ def swarm_cluster(docker_ready: DockerSession,
         for name in cluster.names[1:]:
             docker_cli("exec", name, "docker", "swarm", "join", "--token", token,
                        f"{nodes[cluster.manager]}:2377", timeout=60.0)
-        host_port = docker_cli("port", reg, f"{REGISTRY_PORT}/tcp", timeout=15.0) \
-            .stdout.split()[0].rsplit(":", 1)[1]
-        pushed = f"127.0.0.1:{host_port}/vllm-fleet/sim:dev"
-        docker_cli("tag", SIM_IMAGE, pushed)
-        try:
-            docker_cli("push", pushed, timeout=300.0)
-        finally:
-            docker_cli("rmi", pushed, check=False)
+        assert cluster.push(SIM_IMAGE) == cluster.image
         yield cluster
     finally:
         problems = remove_labelled(swarm_label)
