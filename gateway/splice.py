@@ -10,6 +10,12 @@ to the client's transport. The relay's task sleeps until the body ends, fails or
 deadline; it then ends the answer through `send` as before (uvicorn writes the last chunk, or
 the relay an error event), so uvicorn's own state stays true.
 
+Fewer writes: the head is sent by `Splice.start`; when body bytes came with the upstream's
+head, uvicorn writes the head into a holder and it leaves with them. When the body ends in
+the same arrival as its last bytes, the sink adds the last chunk to that write and uvicorn,
+told the answer is no longer chunked, ends it without writing anything (a zero-delay
+answer: one write to the client, where there were three).
+
 Only when nothing sits between the server and the relay (`send` is uvicorn's own, no
 middleware wrapping it), the answer is chunked and the client is still there. Back-pressure:
 when the client's transport asks the server to pause writing, the upstream connection stops
