@@ -19,7 +19,7 @@ The service shape (`service_spec`), pure and unit-tested:
 - Ports: published in host mode on the replica's port (no routing mesh: it needs IPVS),
   endpoint mode `dnsrr` (no virtual IP), so an overlay network resolves the service name to
   its task; on `[cluster] network` the task also answers to the replica's compose name
-  (`vllm-<name>`, `vllm-<name>-r<i>`), the name a gateway with `FLEET_UPSTREAM_HOST=service`
+  (`vllm-<name>`, `vllm-<name>-r<i>`), the name a gateway with `GATEWAY_UPSTREAM_HOST=service`
   uses.
 - Restart policy `any` after 5 s: a crashed replica or a lost node is replaced by Swarm.
 """
@@ -149,7 +149,7 @@ def service_spec(run_kwargs: Mapping[str, Any], registry: Registry, *,
     }
     if cluster.network:
         # the replica's compose name on the overlay: a gateway on it with
-        # FLEET_UPSTREAM_HOST=service reaches `vllm-<name>` (`vllm-<name>-r<i>`), as in compose
+        # GATEWAY_UPSTREAM_HOST=service reaches `vllm-<name>` (`vllm-<name>-r<i>`), as in compose
         alias = replica_service_name(model, int(labels.get(LABEL_REPLICA, 0)))
         task["Networks"] = [{"Target": cluster.network, "Aliases": [alias]}]
     return {

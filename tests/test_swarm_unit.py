@@ -175,7 +175,7 @@ def test_generic_resource_gpus_reserve_the_advertised_kind() -> None:
     assert task["Resources"] == {"Reservations": {"GenericResources": [
         {"DiscreteResourceSpec": {"Kind": "gpu", "Value": 2}}]}}
     assert not any(e.startswith("NVIDIA_VISIBLE_DEVICES") for e in task["ContainerSpec"]["Env"])
-    # on the overlay the replica answers to its compose name too (FLEET_UPSTREAM_HOST=service)
+    # on the overlay the replica answers to its compose name too (GATEWAY_UPSTREAM_HOST=service)
     assert task["Networks"] == [{"Target": "fleet-net", "Aliases": ["vllm-big"]}]
 
 
@@ -189,7 +189,7 @@ def test_on_the_overlay_each_replica_answers_to_its_compose_name() -> None:
                for s in specs]
     assert aliases == [[{"Target": "fleet-net", "Aliases": ["vllm-small"]}],
                        [{"Target": "fleet-net", "Aliases": ["vllm-small-r1"]}]]
-    # the names the gateway uses with FLEET_UPSTREAM_HOST=service
+    # the names the gateway uses with GATEWAY_UPSTREAM_HOST=service
     assert [u.split("//")[1].split(":")[0] for u in replica_urls(r, r.models["small"], "service")
             ] == ["vllm-small", "vllm-small-r1"]
 
