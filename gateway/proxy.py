@@ -76,11 +76,11 @@ class Proxy:
 
     # -- routes ---------------------------------------------------------------------------
     async def by_body(self, request: Request) -> Response:
-        request.state.started = time.perf_counter()
+        _state(request)["started"] = time.perf_counter()
         return await self._forward(request, request.scope["path"], prefix=None)
 
     async def by_prefix(self, request: Request) -> Response:
-        request.state.started = time.perf_counter()
+        _state(request)["started"] = time.perf_counter()
         requested = request.path_params["model"]
         path = "/" + request.path_params["rest"]
         known_path = path in MODEL_ENDPOINTS or path in INSTANCE_GET_ENDPOINTS
@@ -101,7 +101,7 @@ class Proxy:
         raise errors.not_found(request.url.path)
 
     async def infer(self, request: Request) -> Response:
-        request.state.started = time.perf_counter()
+        _state(request)["started"] = time.perf_counter()
         return await compat.infer(self, request)
 
     # -- the request path -----------------------------------------------------------------
@@ -148,14 +148,14 @@ class Proxy:
                    path: str, payload: bytes, *, admit: bool = True) -> Response:
         """Authorize, admit (unless not `admit`: read-only instance endpoints), dispatch and
         meter `payload` to `route` of `state`."""
-        rstate = request.state
-        started: float = getattr(rstate, "started", None) or time.perf_counter()
-        rstate.metered = True
+        rstate = _state(request)
+        started: float = rstate.get("started") or time.perf_counter()
+        rstate["metered"] = True
         model = route.model
         ticket: list[Ticket] = []  # the request's hold on its model (revive may renew it)
         watch: _Watch | None = None
         try:
-            auth.authorize(getattr(rstate, "principal", None), model, state.aliases(model))
+            auth.authorize(rstate.get("principal"), model, state.aliases(model))
             if not admit:
                 response = await self._dispatch(request, state, route, method, path, payload,
                                                 None)
@@ -193,7 +193,7 @@ class Proxy:
         """Send to the best replica; on a failure before any response byte, try the next
         replica, then (with the request's ticket in `revive`) let the admitter revive the
         model once."""
-        rid = request.state.request_id
+        rid = _state(request)["request_id"]
         headers = [(k, v) for k, v in request.scope["headers"] if k not in _NOT_FORWARDED]
         headers.append((b"x-request-id", rid.encode()))
         params = request.scope.get("query_string", b"").decode() or None  # as Starlette's URL
@@ -238,7 +238,7 @@ class Proxy:
             relay = RelayResponse(upstream, route.model, rid, self.settings.retry_after)
             relay.on_broken = functools.partial(self.metrics.upstream_error, route.model,
                                                 "broken_stream")
-            started = getattr(request.state, "started", None)
+            started = _state(request).get("started")
             if relay.is_event_stream and started is not None:  # time to first token
                 relay.on_first_chunk = functools.partial(self._first_chunk, route.model, started)
             return _Finally(relay, functools.partial(_decrement, inst))
@@ -258,7 +258,7 @@ class Proxy:
                 "request_id": request_id(request), "method": request.method,
                 "path": request.url.path, "model": model, "status": status,
                 "duration_ms": round(seconds * 1000, 1),
-                "key": getattr(getattr(request.state, "principal", None), "name", None)})
+                "key": getattr(_state(request).get("principal"), "name", None)})
 
     def _first_chunk(self, model: str, started: float) -> None:
         self.metrics.first_chunk(model, time.perf_counter() - started)
@@ -266,8 +266,14 @@ class Proxy:
 
 def unknown_model(request: Request, state: RoutingState, requested: str) -> errors.GatewayError:
     """404 for `requested`, listing only the names the caller's key may use."""
-    principal = getattr(request.state, "principal", None)
+    principal = _state(request).get("principal")
     return errors.unknown_model(requested, auth.visible_names(principal, state.registry))
+
+
+def _state(request: Request) -> dict[str, Any]:
+    """The request's state as the dict under `request.state` (read directly: Starlette's
+    `State` costs a method call per attribute and two exceptions per missing one)."""
+    return request.scope.setdefault("state", {})  # type: ignore[no-any-return]
 
 
 def _decrement(inst: Instance) -> None:

@@ -380,6 +380,8 @@ def serve(app: Any, settings: GatewaySettings, *, graceful_shutdown: int = 30) -
                                   limits.body_timeout)
     tune_gc()
     # GATEWAY_ACCESS_LOG: the gateway writes its own lines (with the request id and model).
+    # No proxy-headers middleware: the gateway never reads the client's address or scheme,
+    # and uvicorn's walks every request's headers for X-Forwarded-* (about 1.5 % of its CPU).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, loop="auto", http=protocol_class(limits),
+                access_log=False, loop="auto", http=protocol_class(limits), proxy_headers=False,
                 timeout_graceful_shutdown=graceful_shutdown)
