@@ -108,7 +108,8 @@ class Conn(asyncio.Protocol):
         if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self.waiter is not None:  # a whole answer can arrive in one read: one call less
+            self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True

@@ -35,12 +35,14 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
 from gateway.h1 import H1Response
 from gateway.h1_conn import Conn
 
 EXTENSION = "gateway.splice"
+# Headers that change how uvicorn frames or ends an answer: with any of them it writes the head.
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 
 class Tapped(Protocol):
@@ -92,9 +94,16 @@ class Splice:
 
     async def start(self, send: Send, message: Message) -> bool:
         """Send the answer's head (`message`); False if it is not chunked (then the ordinary
-        relay sends the body). When body bytes have arrived already, uvicorn writes the head
-        into a holder and it leaves with them, in one write instead of two."""
+        relay sends the body). When body bytes have arrived already, the head is held and
+        leaves with them, in one write instead of two."""
         cycle = self.cycle
+        head = None if cycle.flow.write_paused else self._chunked_head(message)
+        if head is not None:
+            if self.conn.buf:
+                self.head = head
+            else:
+                self.transport.write(head)
+            return True
         if not self.conn.buf or cycle.flow.write_paused:
             await send(message)
             return cycle.chunked_encoding is True
@@ -109,6 +118,32 @@ class Splice:
             return True
         self.transport.write(held.data)
         return False
+
+    def _chunked_head(self, message: Message) -> bytes | None:
+        """The head uvicorn would write for `message` with a chunked body, its state set as
+        its `send` sets it; None where uvicorn is to write it (a length or connection header,
+        an answer without a body, uvicorn's access log, a client gone). What it skips is
+        uvicorn's check of every name and value against two patterns: the relay's names are
+        llhttp's, lower-cased, its values llhttp's or the gateway's own."""
+        cycle = self.cycle
+        status = message["status"]
+        if cycle.access_log or cycle.disconnected or status in (204, 304):
+            return None
+        line = STATUS_LINE.get(status)
+        if line is None:
+            return None
+        parts = [line]
+        for name, value in (*cycle.default_headers, *message.get("headers", ())):
+            if name in _FRAMING:
+                return None
+            parts += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        cycle.chunked_encoding = True
+        return b"".join(parts)
 
     def write(self, data: bytes) -> None:
         """The sink: what arrived, as one chunk, to the client (with the last chunk when the

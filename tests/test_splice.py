@@ -54,17 +54,17 @@ def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 class Served:
     """`create_app` for one model at `url`, served by the gateway's server on loopback."""
 
-    def __init__(self, url: str, read: float = READ) -> None:
+    def __init__(self, url: str, read: float = READ, client: str = "h1") -> None:
         from fleet.registry import parse_registry
         from gateway.app import create_app
 
         self.app = create_app(parse_registry(f'[models.m]\nurl = "{url}"\n'),
-                              GatewaySettings(read_timeout=read, upstream_client="h1"))
+                              GatewaySettings(read_timeout=read, upstream_client=client))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(self.app, http=protocol_class(ConnectionLimits()),
-                                lifespan="off", log_level="warning",
+                                lifespan="off", log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=2)
         config.load()
         self.server = uvicorn.Server(config)
@@ -75,6 +75,7 @@ class Served:
         await self._lifespan.__aenter__()
         self.server.lifespan = self.server.config.lifespan_class(self.server.config)
         await self.server.startup(sockets=[self.sock])
+        await self.server.on_tick(0)  # uvicorn's default headers (date, server), as it serves
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -154,6 +155,43 @@ async def test_the_head_and_the_last_chunk_share_the_writes_of_the_bytes_beside_
     assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(parts[0])
     assert middle == parts[1]
     assert last == parts[2] + b"0\r\n\r\n"
+
+
+async def _raw_answer(port: int, close: bool) -> tuple[list[bytes], bytes, bool]:
+    """One streamed request on a raw connection: the answer's head lines (date and request
+    id without their values), its body, and whether the server closed the connection."""
+    body = json.dumps(BODY).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                 b"content-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+                 % (len(body), b"connection: close\r\n" if close else b"", body))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), MARGIN)
+    rest = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), MARGIN)
+    closed = await asyncio.wait_for(reader.read(1), MARGIN) == b"" if close else False
+    writer.close()
+    lines = [line.split(b":")[0] if line.startswith((b"date:", b"x-request-id:")) else line
+             for line in head.split(b"\r\n")]
+    return lines, rest, closed
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+async def test_the_spliced_head_is_the_head_uvicorn_writes(spliced: list[int],
+                                                           close: bool) -> None:
+    """The splice writes the answer's head itself (without uvicorn's per-header checks): it
+    is the head uvicorn writes for the same answer through the ordinary relay (httpx client:
+    no splice), `connection: close` included, and the connection ends as uvicorn ends it."""
+    parts = [b"%x\r\n%s\r\n" % (len(e), e) for e in (b"data: 1\n\n", b"data: [DONE]\n\n")]
+    heads = []
+    for client in ("h1", "httpx"):
+        upstream = answering(SSE_HEAD + parts[0], parts[1] + b"0\r\n\r\n", then="close")
+        async with RawUpstream(upstream) as up, Served(up.url, client=client) as gw:
+            heads.append(await _raw_answer(gw.port, close))
+    (spliced_head, spliced_body, spliced_closed), (plain_head, plain_body, plain_closed) = heads
+    assert spliced_head == plain_head
+    assert (b"connection: close" in spliced_head) is close
+    assert spliced_body == plain_body == parts[0] + parts[1] + b"0\r\n\r\n"
+    assert spliced_closed is plain_closed is close
+    assert spliced, "the first answer was not spliced"
 
 
 async def test_a_client_that_stops_reading_pauses_the_upstream(spliced: list[int]) -> None:
