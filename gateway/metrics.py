@@ -43,6 +43,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from fleet.errors import ModelsBusy
+from gateway import tally
 from gateway.balancer import Balancer, Instance
 
 if TYPE_CHECKING:
@@ -84,14 +85,15 @@ class GatewayMetrics:
     def __init__(self, source: LiveSource | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("gateway_requests", "Model requests by the status answered",
-                                ["model", "status"], registry=r)
-        self.duration = Histogram("gateway_request_duration_seconds",
-                                  "Model requests: arrival to the last byte sent", ["model"],
-                                  buckets=DURATION_BUCKETS, registry=r)
-        self.ttft = Histogram("gateway_time_to_first_chunk_seconds",
-                              "Streamed model requests: arrival to the first chunk sent",
-                              ["model"], buckets=TTFT_BUCKETS, registry=r)
+        # per request: lock-free series (gateway/tally.py), the same exposition
+        self.requests = tally.Counter("gateway_requests", "Model requests by the status answered",
+                                      ["model", "status"], registry=r)
+        self.duration = tally.Histogram("gateway_request_duration_seconds",
+                                        "Model requests: arrival to the last byte sent",
+                                        ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.ttft = tally.Histogram("gateway_time_to_first_chunk_seconds",
+                                    "Streamed model requests: arrival to the first chunk sent",
+                                    ["model"], buckets=TTFT_BUCKETS, registry=r)
         self.rejected = Counter("gateway_rejected_requests",
                                 "Requests refused before a model was known, by status",
                                 ["status"], registry=r)
@@ -114,9 +116,9 @@ class GatewayMetrics:
         self.abandoned = Counter("gateway_abandoned_requests",
                                  "Requests whose client left before the answer started (499)",
                                  ["model"], registry=r)
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._ttfts: dict[str, Any] = {}
+        self._requests: dict[tuple[str, int], tally.CounterChild] = {}
+        self._durations: dict[str, tally.HistogramChild] = {}
+        self._ttfts: dict[str, tally.HistogramChild] = {}
         if source is not None:
             r.register(_LiveCollector(source))
 
