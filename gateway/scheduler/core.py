@@ -38,6 +38,7 @@ from gateway.scheduler.model import ModelPolicy, SchedulerConfig, _Model, _Reque
 # Placement check: the violations (human sentences) when these models hold the resource
 # together; empty when they fit.
 Fits = Callable[[frozenset[str]], Sequence[str]]
+_FINISH = (Done, Leave)  # a tuple: `Done | Leave` would build a union type per event
 
 
 class SchedulerCore:
@@ -100,7 +101,7 @@ class SchedulerCore:
         now = event.now
         if isinstance(event, Arrive):
             self._arrive(event, out)
-        elif isinstance(event, Done | Leave):
+        elif isinstance(event, _FINISH):
             self._finish(event.rid, now, isinstance(event, Done), out)
         elif isinstance(event, Tick):
             self._schedule(now, out)

@@ -57,6 +57,8 @@ from gateway.sleepcheck import SleepCheck
 from gateway.state import RoutingState
 
 log = logging.getLogger("gateway.scheduler")
+_ANSWERS = (Admit, Reject)
+_TURNS = (Drain, Undrain)
 
 _STATES = {"healthy": Residency.AWAKE, "running": Residency.AWAKE, "loading": Residency.AWAKE,
            "drifted": Residency.AWAKE, "sleeping": Residency.ASLEEP,
@@ -231,7 +233,7 @@ class Scheduler:
 
     def apply(self, actions: list[Action]) -> None:
         for action in actions:
-            if isinstance(action, Admit | Reject):
+            if isinstance(action, _ANSWERS):
                 future = self._waiters.pop(action.rid, None)
                 if future is not None and not future.done():
                     future.set_result(action)
@@ -239,7 +241,7 @@ class Scheduler:
                 self._spawn(self._switch(action))
             elif isinstance(action, PutToSleep):
                 self._spawn(self._sleep(action))
-            elif isinstance(action, Drain | Undrain):
+            elif isinstance(action, _TURNS):
                 log.info("%s %s: %s", type(action).__name__.lower(), action.model, action.reason)
             if self.on_action is not None:
                 self.on_action(action)
