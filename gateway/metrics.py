@@ -5,8 +5,9 @@ Cost on the request path: O(1) per request, never per chunk. A finished model re
 one counter and one histogram update (label children are cached); the time to first chunk is
 one histogram update, called back by the relay once, when the first body chunk of an event
 stream has been sent. These per-request series are gateway/tally.py's (no lock, rendered at
-scrape time as prometheus_client renders its own); the rare ones are prometheus_client's. Figures that already live in the gateway (in flight, queued, replica
-state) are read when Prometheus scrapes, by a custom collector.
+scrape time as prometheus_client renders its own); the rare ones are prometheus_client's.
+Figures that already live in the gateway (in flight, queued, replica state) are read when
+Prometheus scrapes, by a custom collector.
 
 Series (all prefixed `gateway_`):
 - `requests_total{model,status}`: model requests by the status the client got (upstream
