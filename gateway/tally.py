@@ -18,6 +18,7 @@ import os
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
@@ -54,20 +55,43 @@ class HistogramChild:
         self.sum += amount
 
 
-class _Family:
+C = TypeVar("C", CounterChild, HistogramChild)
+
+
+class _Family(Generic[C]):
+    """Children by label values; the exposition of each child by `_samples`."""
+
     kind = ""
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry) -> None:
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        registry.register(self)
+        self._children: dict[tuple[str, ...], C] = {}
+
+    def labels(self, *values: str) -> C:
+        child = self._children.get(values)
+        if child is None:
+            self._labels(values)
+            child = self._children[values] = self._new_child()
+        return child
 
     def describe(self) -> list[Metric]:
         return [Metric(self.name, self.documentation, self.kind)]
 
     def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.name, self.documentation, self.kind)
+        for values, child in self._children.items():
+            labels = self._labels(values)
+            self._samples(metric, labels, child)
+            if _CREATED:
+                metric.add_sample(self.name + "_created", labels, child.created)
+        yield metric
+
+    def _new_child(self) -> C:
+        raise NotImplementedError
+
+    def _samples(self, metric: Metric, labels: dict[str, str], child: C) -> None:
         raise NotImplementedError
 
     def _labels(self, values: tuple[str, ...]) -> dict[str, str]:
@@ -77,65 +101,45 @@ class _Family:
         return dict(zip(self.labelnames, values, strict=True))
 
 
-class Counter(_Family):
+class Counter(_Family[CounterChild]):
     """`prometheus_client.Counter` with labels, on the loop's thread only."""
 
     kind = "counter"
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
                  registry: CollectorRegistry) -> None:
-        super().__init__(name, documentation, labelnames, registry)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
+        super().__init__(name, documentation, labelnames)
+        registry.register(self)
 
-    def labels(self, *values: str) -> CounterChild:
-        child = self._children.get(values)
-        if child is None:
-            self._labels(values)
-            child = self._children[values] = CounterChild()
-        return child
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
 
-    def collect(self) -> Iterator[Metric]:
-        metric = Metric(self.name, self.documentation, self.kind)
-        for values, child in list(self._children.items()):
-            labels = self._labels(values)
-            metric.add_sample(self.name + "_total", labels, child.value)
-            if _CREATED:
-                metric.add_sample(self.name + "_created", labels, child.created)
-        yield metric
+    def _samples(self, metric: Metric, labels: dict[str, str], child: CounterChild) -> None:
+        metric.add_sample(self.name + "_total", labels, child.value)
 
 
-class Histogram(_Family):
+class Histogram(_Family[HistogramChild]):
     """`prometheus_client.Histogram` with labels, on the loop's thread only."""
 
     kind = "histogram"
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
                  buckets: Sequence[float], registry: CollectorRegistry) -> None:
-        super().__init__(name, documentation, labelnames, registry)
+        super().__init__(name, documentation, labelnames)
         bounds = tuple(float(b) for b in buckets)
         if list(bounds) != sorted(bounds) or any(math.isinf(b) for b in bounds):
             raise ValueError(f"{self.name}: bucket bounds must be finite and ascending")
         self.bounds = bounds
         self._le = [floatToGoString(b) for b in bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        registry.register(self)  # last: a refused histogram is not left in the registry
 
-    def labels(self, *values: str) -> HistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            self._labels(values)
-            child = self._children[values] = HistogramChild(self.bounds)
-        return child
+    def _new_child(self) -> HistogramChild:
+        return HistogramChild(self.bounds)
 
-    def collect(self) -> Iterator[Metric]:
-        metric = Metric(self.name, self.documentation, self.kind)
-        for values, child in list(self._children.items()):
-            labels = self._labels(values)
-            total = 0
-            for le, count in zip(self._le, child.counts, strict=True):
-                total += count
-                metric.add_sample(self.name + "_bucket", {**labels, "le": le}, float(total))
-            metric.add_sample(self.name + "_count", labels, float(total))
-            metric.add_sample(self.name + "_sum", labels, child.sum)
-            if _CREATED:
-                metric.add_sample(self.name + "_created", labels, child.created)
-        yield metric
+    def _samples(self, metric: Metric, labels: dict[str, str], child: HistogramChild) -> None:
+        total = 0
+        for le, count in zip(self._le, child.counts, strict=True):
+            total += count
+            metric.add_sample(self.name + "_bucket", {**labels, "le": le}, float(total))
+        metric.add_sample(self.name + "_count", labels, float(total))
+        metric.add_sample(self.name + "_sum", labels, child.sum)

@@ -60,5 +60,8 @@ def test_wrong_label_counts_and_bounds_are_refused_by_name() -> None:
         hist.labels("a", "b")
     with pytest.raises(ValueError, match="ascending"):
         tally.Histogram("z_seconds", "Doc", ["model"], buckets=(2, 1), registry=registry)
+    # the refused one was not registered: the name is free, and the registry renders
+    tally.Histogram("z_seconds", "Doc", ["model"], buckets=(1, 2), registry=registry)
+    assert b"# TYPE z_seconds histogram" in generate_latest(registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         tally.Counter("y_seconds", "Doc", ["model"], registry=registry)
