@@ -1,9 +1,10 @@
 """One upstream HTTP/1.1 connection of gateway/h1.py: an asyncio protocol around llhttp.
 
-`data_received` feeds `httptools`' C parser. Its body callback appends what was parsed to
-`buf` and wakes the one reader, or, with a `sink` set (gateway/splice.py), `data_received`
-hands what arrived together to the sink at once, waking nobody. Reading pauses while more than
-`HIGH_WATER` bytes wait for a slow reader (back-pressure to the upstream, flat memory).
+`data_received` feeds `httptools`' C parser, whose body callback is `buf`'s own `append` (no
+Python frame per body part). Then, once per arrival, it wakes the one reader, or, with a `sink`
+set (gateway/splice.py), hands what arrived together to the sink at once, waking nobody.
+Reading pauses while more than `HIGH_WATER` bytes (counted as they arrive, framing included)
+wait for a slow reader (back-pressure to the upstream, flat memory).
 Failures are httpx's types, kept in `error` for the reader: framing llhttp rejects
 `RemoteProtocolError` (at once), a close before the head `RemoteProtocolError`, a close
 mid-body `ReadError`, no head in time (`head_late`, a timer of `H1Client.send`) `ReadTimeout`.
@@ -40,8 +41,8 @@ class Conn(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
         self.buf: list[bytes] = []
+        self.parser = httptools.HttpResponseParser(_Callbacks(self))
         self.buffered = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.status = 0
@@ -61,10 +62,19 @@ class Conn(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError(f"malformed answer from the upstream: {exc}"))
             assert self.transport is not None
             self.transport.close()
-        if self.sink is not None and self.buf:
-            buf = self.buf
+        buf = self.buf
+        if not buf:
+            return
+        if self.sink is not None:
             self.sink(buf[0] if len(buf) == 1 else b"".join(buf))
             buf.clear()
+            return
+        self.buffered += len(data)
+        if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        if self.waiter is not None:
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -99,17 +109,6 @@ class Conn(asyncio.Protocol):
         self.until_close = not parser.should_keep_alive() and not any(
             k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
         self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self.buf.append(body)
-        if self.sink is not None:
-            return
-        self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-        if self.waiter is not None:  # a whole answer can arrive in one read: one call less
-            self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -146,3 +145,17 @@ class Conn(asyncio.Protocol):
     async def drain(self) -> None:
         if self._drain is not None:
             await self._drain
+
+
+class _Callbacks:
+    """What llhttp calls back, for one answer: the body parts go straight into the
+    connection's `buf` (a list's own `append`, no Python frame per part); what they mean is
+    worked out once per arrival, in `Conn.data_received`."""
+
+    __slots__ = ("on_body", "on_header", "on_headers_complete", "on_message_complete")
+
+    def __init__(self, conn: Conn) -> None:
+        self.on_header = conn.on_header
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_body = conn.buf.append
+        self.on_message_complete = conn.on_message_complete
