@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import chat_request, install_fast_loop, run_load
-from procs import REPO, Procs, find_router, free_port
+from procs import Procs, find_router
 
 MODEL = "bench"
 
@@ -62,25 +62,16 @@ def measure(name: str, source: Path | None, router_bin: str | None, tokens: int,
 
 def _measure(procs: Procs, name: str, source: Path | None, router_bin: str | None, tokens: int,
              requests: int, itl_ms: float) -> float:
-    workdir = procs.workdir
     sim = procs.start_sim(MODEL, itl_ms=itl_ms)
     url = f"http://127.0.0.1:{sim.port}"
-    port = free_port()
-    out = workdir / f"callgrind.{name}.{tokens}"
+    out = procs.workdir / f"callgrind.{name}.{tokens}"
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     if router_bin is not None:
-        cmd = [*valgrind, router_bin, "--host", "127.0.0.1", "--port", str(port),
-               "--worker-urls", url, "--policy", "round_robin", "--prometheus-host",
-               "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warning"]
-        target = procs.spawn(name, cmd, port)
+        target = procs.start_router(url, router_bin, wrapper=valgrind, ready_s=300)
     else:
-        registry = workdir / f"models.{name}.toml"
-        registry.write_text(f'[models.{MODEL}]\nurl = "{url}"\nserved_model_name = "{MODEL}"\n')
-        tree = source or REPO
-        cmd = [*valgrind, sys.executable, "-m", "gateway", "--registry", str(registry),
-               "--port", str(port), "--log-level", "warning"]
-        target = procs.spawn(name, cmd, port, {"PYTHONPATH": str(tree)}, cwd=tree)
-    procs.wait_ok(target, "/health", timeout_s=300)
+        target = procs.start_gateway(url, MODEL, name=name, source=source, wrapper=valgrind,
+                                     ready_s=300)
+    port = target.port
     request = chat_request("127.0.0.1", port, MODEL, stream=True, max_tokens=tokens)
     asyncio.run(run_load("127.0.0.1", port, request, concurrency=4, total=100,
                          stream=True, timeout_s=120))

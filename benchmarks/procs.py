@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,20 +202,22 @@ class Procs:
 
     def start_gateway(self, upstream_url: str, model: str = "bench",
                       env: dict[str, str] | None = None, name: str = "gateway",
-                      source: Path | None = None, registry_path: Path | None = None) -> Proc:
+                      source: Path | None = None, registry_path: Path | None = None,
+                      wrapper: Sequence[str] = (), ready_s: float = 60.0) -> Proc:
         """`python -m gateway` from this checkout, or from `source` (another tree), with a
-        one-model registry pointing at `upstream_url` (or the registry at `registry_path`)."""
+        one-model registry pointing at `upstream_url` (or the registry at `registry_path`);
+        run under `wrapper` (e.g. valgrind's command line), healthy within `ready_s`."""
         port = free_port()
         registry = registry_path or self.workdir / f"models.{name}.toml"
         if registry_path is None:
             registry.write_text(f'[models.{model}]\nurl = "{upstream_url}"\n'
                                 f'served_model_name = "{model}"\n')
-        proc = self.spawn(name, [sys.executable, "-m", "gateway", "--registry",
-                                      str(registry), "--port", str(port),
-                                      "--log-level", "warning"], port,
+        proc = self.spawn(name, [*wrapper, sys.executable, "-m", "gateway", "--registry",
+                                 str(registry), "--port", str(port),
+                                 "--log-level", "warning"], port,
                           {**({"PYTHONPATH": str(source)} if source else {}), **(env or {})},
                           cwd=source)
-        self.wait_ok(proc, "/health")
+        self.wait_ok(proc, "/health", timeout_s=ready_s)
         return proc
 
     def start_nginx(self, upstream_port: int, workers: str = "auto") -> Proc:
@@ -237,17 +240,19 @@ class Procs:
         return proc
 
 
-    def start_router(self, upstream_url: str, binary: str) -> Proc:
+    def start_router(self, upstream_url: str, binary: str, wrapper: Sequence[str] = (),
+                     ready_s: float = 60.0) -> Proc:
         """vLLM's Rust router (`vllm-router`, PyPI) in front of `upstream_url`: one worker,
         round robin (the cheapest policy; the default cache_aware keeps a prefix tree per
-        request), its Prometheus listener on a free loopback port, warnings only."""
+        request), its Prometheus listener on a free loopback port, warnings only; run under
+        `wrapper`, healthy within `ready_s`."""
         port = free_port()
-        proc = self.spawn("router", [binary, "--host", "127.0.0.1", "--port", str(port),
+        proc = self.spawn("router", [*wrapper, binary, "--host", "127.0.0.1", "--port", str(port),
                                      "--worker-urls", upstream_url, "--policy", "round_robin",
                                      "--prometheus-host", "127.0.0.1",
                                      "--prometheus-port", str(free_port()),
                                      "--log-level", "warning"], port)
-        self.wait_ok(proc, "/health")
+        self.wait_ok(proc, "/health", timeout_s=ready_s)
         return proc
 
 
