@@ -44,6 +44,10 @@ _FINISH = (Done, Leave)  # a tuple: `Done | Leave` would build a union type per 
 class SchedulerCore:
     """The scheduler's state and decisions (see the module docstring)."""
 
+    # Skip a decision pass an event cannot change (see `_finish`). Off only in the test that
+    # checks the skips change nothing (tests/test_scheduler_shortcuts.py).
+    shortcuts = True
+
     def __init__(self, models: Iterable[ModelPolicy], fits: Fits, *, now: float,
                  states: Mapping[str, Residency] | None = None,
                  config: SchedulerConfig | None = None,
@@ -180,6 +184,14 @@ class SchedulerCore:
             return
         if m.state is Residency.AWAKE and m.queue and not self._contended():
             self._admit(m, now, out)
+            return
+        if self.shortcuts and not m.queue and not m.policy.shared and (
+                self._wake is None or now < self._wake):
+            # A model that does not take turns (always awake) with no one in its line: its
+            # slot counts in no other decision (turns, room and ttl look at shared models
+            # only), and nothing timed is due yet (the wake-up covers deadlines, quanta and
+            # ttls). A full pass would decide nothing new: about a third of the cost of a
+            # request's admission and release.
             return
         self._schedule(now, out)
 

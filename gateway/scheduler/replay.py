@@ -50,6 +50,7 @@ class SimModel:
     max_concurrency: int | None = None
     ttl: float | None = None
     quantum: float | None = None
+    shared: bool = True                # False: not time-shared (always up, outside the budget)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ class Replay:
     end: float = 0.0
 
 
+def _used(specs: dict[str, SimModel], names: Iterable[str]) -> int:
+    """The budget units `names` hold (a model that is not time-shared holds none)."""
+    return sum(specs[n].size for n in names if n in specs and specs[n].shared)
+
+
 class InvariantBroken(AssertionError):
     pass
 
@@ -114,16 +120,17 @@ def replay(models: Sequence[SimModel], budget: int, requests: Iterable[SimReques
     specs = {m.name: m for m in models}
 
     def fits(names: frozenset[str]) -> list[str]:
-        used = sum(specs[n].size for n in names if n in specs)
+        used = _used(specs, names)
         return [] if used <= budget else [f"needs {used} of {budget} units"]
 
     costs = SwitchCosts(defaults={BringUp.WAKE: 1.0, BringUp.START: 3.0, BringUp.CREATE: 3.0},
                         evict_default=0.2)
-    up = set(awake)
+    up = set(awake) | {m.name for m in models if not m.shared}
     core = SchedulerCore(
-        [ModelPolicy(m.name, max_concurrency=m.max_concurrency, queue_timeout=queue_timeout,
-                     switch_timeout=switch_timeout, priority=m.priority, pinned=m.pinned,
-                     ttl=m.ttl, quantum=m.quantum, max_queue=100_000,
+        [ModelPolicy(m.name, shared=m.shared, max_concurrency=m.max_concurrency,
+                     queue_timeout=queue_timeout, switch_timeout=switch_timeout,
+                     priority=m.priority, pinned=m.pinned, ttl=m.ttl, quantum=m.quantum,
+                     max_queue=100_000,
                      evicts_to=Residency.ASLEEP if m.sleep_mode else Residency.STOPPED)
          for m in models],
         fits, now=0.0, config=SchedulerConfig(policy=policy,  # type: ignore[arg-type]
@@ -258,7 +265,7 @@ class _World:
         bring = spec.wake if a.target in self.asleep else spec.load
         self.asleep.discard(a.target)
         self.up.add(a.target)
-        used = sum(self.specs[n].size for n in self.up)
+        used = _used(self.specs, self.up)
         if used > self.budget:
             self.broken(f"t={self.now:.2f}: over budget ({used} > {self.budget}) with "
                         f"{sorted(self.up)}")
@@ -270,7 +277,7 @@ class _World:
 
     def check(self) -> None:
         holding = frozenset(n for n, m in self.core.models.items() if m.state.holds)
-        used = sum(self.specs[n].size for n in holding)
+        used = _used(self.specs, holding)
         if used > self.budget:
             self.broken(f"t={self.now:.2f}: the scheduler holds {sorted(holding)} over budget")
 
