@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Self
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from gateway import errors
 
@@ -105,22 +105,31 @@ async def read_body(request: Request, limit: int, hold: Hold | None = None) -> b
         if hold is not None:
             hold.take(size)  # the server's parser delivers no more than the declared length
             counted = None
+    # The ASGI messages read directly: Starlette's `request.stream()` is an async generator
+    # stepped three times for a body that came whole.
+    receive = request.receive
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            late = request.scope.get("gateway.body_late")  # the server closed it: too slow
+            if late is not None:
+                raise errors.body_late(late)
+            raise errors.upload_abandoned(getattr(request.state, "request_id", "-"))
+        chunk = message.get("body", b"")
+        if chunk:
             size += len(chunk)
             if size > limit:
                 raise errors.body_too_large(limit)
             if counted is not None:
                 counted.take(len(chunk))
             chunks.append(chunk)
-    except ClientDisconnect:
-        late = request.scope.get("gateway.body_late")  # the server closed it: body too slow
-        if late is not None:
-            raise errors.body_late(late) from None
-        raise errors.upload_abandoned(getattr(request.state, "request_id", "-")) from None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not message.get("more_body", False):
+            break
+    if len(chunks) == 1:
+        return chunks[0]
+    return b"".join(chunks)
 
 
 @dataclass(slots=True)

@@ -101,22 +101,23 @@ def test_multipart_with_two_model_fields_is_a_400() -> None:
 
 # -- reading bodies within the limits -------------------------------------------------------------
 class FakeRequest:
-    """What `read_body` uses of a Starlette request: headers, stream(), state, scope."""
+    """What `read_body` uses of a Starlette request: headers, receive(), state, scope."""
 
     def __init__(self, chunks: list[bytes], length: int | None = None,
                  disconnect_after: int | None = None) -> None:
         self.headers = {} if length is None else {"content-length": str(length)}
         self._chunks, self._disconnect_after = chunks, disconnect_after
+        self._sent = 0
         self.state = type("State", (), {"request_id": "rid-1"})()
         self.scope: dict[str, object] = {}
 
-    async def stream(self):  # type: ignore[no-untyped-def]
-        from starlette.requests import ClientDisconnect
-
-        for i, chunk in enumerate(self._chunks):
-            if self._disconnect_after is not None and i >= self._disconnect_after:
-                raise ClientDisconnect()
-            yield chunk
+    async def receive(self) -> dict[str, object]:
+        i, self._sent = self._sent, self._sent + 1
+        if self._disconnect_after is not None and i >= self._disconnect_after:
+            return {"type": "http.disconnect"}
+        if i >= len(self._chunks):
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": self._chunks[i], "more_body": True}
 
 
 @pytest.mark.anyio
