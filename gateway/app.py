@@ -30,7 +30,12 @@ from gateway.admit import FleetAdmitter
 from gateway.background import Background
 from gateway.fastpath import GatewayApp
 from gateway.listing import Listing
-from gateway.middleware import AccessMeter, RequestIdMiddleware, error_handlers
+from gateway.middleware import (
+    AccessMeter,
+    RequestIdMiddleware,
+    assign_request_id,
+    error_handlers,
+)
 from gateway.ports import Admitter, FleetOpener
 from gateway.proxy import MODEL_ENDPOINTS, Proxy
 from gateway.reload import Reloader
@@ -117,7 +122,7 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id"])
     else:  # POST to a model endpoint: the same middlewares, without Starlette's stack
-        app.lean(MODEL_ENDPOINTS, proxy.by_body, lambda endpoint: RequestIdMiddleware(
-            auth.AccessMiddleware(endpoint, access=access, on_reject=meter.rejected)))
+        app.lean(MODEL_ENDPOINTS, proxy.by_body,
+                 [assign_request_id, auth.AccessGuard(access, on_reject=meter.rejected)])
     app.state.gateway = runtime
     return app

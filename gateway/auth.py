@@ -279,29 +279,25 @@ def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return bearer or other or None
 
 
-class AccessMiddleware:
+class AccessGuard:
     """Checks the key a request presents against the path's level before routing.
 
-    Puts the principal in `scope["state"]["principal"]` for the per-model check; answers
-    401/403 in vLLM's error shape itself; strips the credential headers when keys are on.
+    Called with an HTTP request's scope: None to go on, with the principal put in
+    `scope["state"]["principal"]` for the per-model check and the credential headers stripped
+    when keys are on; else the refusal to send (401/403 in vLLM's error shape).
     `on_reject(scope, status)` is called for every request it refuses (metrics, access log).
     """
 
-    def __init__(self, app: ASGIApp, access: Access,
+    def __init__(self, access: Access,
                  on_reject: Callable[[Scope, int], None] | None = None) -> None:
-        self.app = app
         self.access = access
         self.on_reject = on_reject
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def __call__(self, scope: Scope) -> ASGIApp | None:
         access = self.access
         level = access.classify(scope["path"])
         if level == PUBLIC or (level == API and access.open):
-            await self.app(scope, receive, send)
-            return
+            return None
         headers = scope["headers"]
         outcome = access.check(level, presented_key(headers))
         if isinstance(outcome, errors.GatewayError):
@@ -311,9 +307,26 @@ class AccessMiddleware:
                 extra["www-authenticate"] = "Bearer"
             if self.on_reject is not None:
                 self.on_reject(scope, outcome.status)
-            await outcome.response(extra)(scope, receive, send)
-            return
+            return outcome.response(extra)
         scope.setdefault("state", {})["principal"] = outcome
         if not access.open:
             scope["headers"] = [(k, v) for k, v in headers if k not in _CREDENTIAL_HEADERS]
+        return None
+
+
+class AccessMiddleware:
+    """`AccessGuard` as an ASGI middleware (Starlette's stack)."""
+
+    def __init__(self, app: ASGIApp, access: Access,
+                 on_reject: Callable[[Scope, int], None] | None = None) -> None:
+        self.app = app
+        self.access = access
+        self.guard = AccessGuard(access, on_reject)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self.guard(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
         await self.app(scope, receive, send)

@@ -4,9 +4,11 @@ Every proxied request used to pass Starlette's whole stack: the error middleware
 exception middleware (each wrapping `send`, so every relayed chunk went through two more
 coroutines), the router trying the routes one by one, and the route's request wrapper. For
 `POST` to an exact model endpoint path (`/v1/chat/completions`, ...), `GatewayApp` instead
-runs the same gateway middlewares (request id, then keys) around the handler directly, with
-the app's own exception handlers: the same answers, headers, metering and logs, at a fraction
-of the cost per request, and the server's `send` untouched for the body.
+runs what the gateway's middlewares do (request id, then keys) as plain calls, its *guards*,
+then the handler directly, with the app's own exception handlers: the same answers, headers,
+metering and logs, at a fraction of the cost per request, and the server's `send` untouched
+for the body. (Guards rather than middlewares: each middleware is one more coroutine that
+every suspension and resumption of the request passes through.)
 
 What the stack did and this path does too:
 - a `GatewayError` (or any exception with a handler) raised before the answer is sent is
@@ -22,7 +24,7 @@ the full stack, as before.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -32,6 +34,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 Handler = Callable[[Request], Awaitable[Response]]
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
+# A check run before the handler: None to go on, else the answer to send instead.
+Guard = Callable[[Scope], ASGIApp | None]
 
 
 class GatewayApp(Starlette):
@@ -40,13 +44,11 @@ class GatewayApp(Starlette):
     _lean_paths: frozenset[str] = frozenset()
     _lean_app: ASGIApp | None = None
 
-    def lean(self, paths: Iterable[str], handler: Handler,
-             wrap: Callable[[ASGIApp], ASGIApp]) -> None:
-        """`POST` to any of `paths` runs `wrap(endpoint)`, where `endpoint` calls
-        `handler(request)` with this app's exception handlers; `wrap` adds the middlewares
-        that must still run (request id, keys), outermost first."""
+    def lean(self, paths: Iterable[str], handler: Handler, guards: Sequence[Guard]) -> None:
+        """`POST` to any of `paths` runs `guards` in order (the first that answers ends the
+        request), then `handler(request)` with this app's exception handlers."""
         self._lean_paths = frozenset(paths)
-        self._lean_app = wrap(_Endpoint(handler, self.exception_handlers))
+        self._lean_app = _Endpoint(handler, self.exception_handlers, tuple(guards))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lean = self._lean_app
@@ -61,8 +63,10 @@ class GatewayApp(Starlette):
 class _Endpoint:
     """Calls the handler and answers its errors with the app's exception handlers."""
 
-    def __init__(self, handler: Handler, handlers: Mapping[Any, ErrorHandler]) -> None:
+    def __init__(self, handler: Handler, handlers: Mapping[Any, ErrorHandler],
+                 guards: tuple[Guard, ...] = ()) -> None:
         self.handler = handler
+        self.guards = guards
         self.handlers: dict[Any, ErrorHandler] = dict(handlers)
         fallback = self.handlers.get(Exception) or self.handlers.get(500)
         self.fallback: ErrorHandler | None = fallback
@@ -74,6 +78,11 @@ class _Endpoint:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for guard in self.guards:
+            answer = guard(scope)
+            if answer is not None:
+                await answer(scope, receive, send)
+                return
         request = Request(scope, receive, send)
         try:
             response = await self.handler(request)

@@ -56,16 +56,22 @@ class RequestIdMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            found = None
-            for key, value in scope["headers"]:
-                if key == b"x-request-id":
-                    candidate = value.decode("latin-1")
-                    if 0 < len(candidate) <= 128 and candidate.isascii() \
-                            and candidate.isprintable():  # echoed unchanged on every path
-                        found = candidate
-                    break
-            scope.setdefault("state", {})["request_id"] = found or new_request_id()
+            assign_request_id(scope)
         await self.app(scope, receive, send)
+
+
+def assign_request_id(scope: Scope) -> None:
+    """An HTTP request's id, in `scope["state"]["request_id"]`: the client's X-Request-Id when
+    it is usable, else a new one. (Also a guard of the lean path: it never refuses.)"""
+    found = None
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if 0 < len(candidate) <= 128 and candidate.isascii() \
+                    and candidate.isprintable():  # echoed unchanged on every path
+                found = candidate
+            break
+    scope.setdefault("state", {})["request_id"] = found or new_request_id()
 
 
 class AccessMeter:

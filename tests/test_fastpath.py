@@ -2,9 +2,10 @@
 
 A toy app with the same shape as the gateway's (a middleware that records, exception handlers
 for a known error and for anything else, a route for the same path): the lean path must run
-the wrapping middleware, answer errors with the app's handlers, call the fallback handler and
-raise again for unexpected errors, leave other methods and paths to Starlette, and hand the
-handler's response the server's own `send` (no wrapper per body chunk).
+its guards in order (one may answer instead of the handler), answer errors with the app's
+handlers, call the fallback handler and raise again for unexpected errors, leave other
+methods and paths to Starlette, and hand the handler's response the server's own `send` (no
+wrapper per body chunk).
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ class Tag:
         await self.app(scope, receive, send)
 
 
+def tag(scope: Scope) -> None:
+    """The lean path's guard doing what `Tag` does."""
+    scope.setdefault("state", {})["tag"] = "on"
+
+
+def refuse(scope: Scope) -> ASGIApp | None:
+    """A guard that answers a request carrying `x-refuse` itself (as the key check does)."""
+    if (b"x-refuse", b"1") in scope["headers"]:
+        return JSONResponse({"error": "refused", "tag": scope["state"]["tag"]}, status_code=401)
+    return None
+
+
 def make_app() -> tuple[GatewayApp, dict[str, Any]]:
     seen: dict[str, Any] = {"fallback": 0, "handler": 0, "sends": []}
 
@@ -69,7 +82,7 @@ def make_app() -> tuple[GatewayApp, dict[str, Any]]:
     app = GatewayApp(routes=[Route("/v1/chat/completions", slow_path, methods=["GET", "POST"])],
                      exception_handlers={Known: known, Exception: fallback})
     app.add_middleware(Tag)
-    app.lean(["/v1/chat/completions"], handler, Tag)
+    app.lean(["/v1/chat/completions"], handler, [tag, refuse])
     return app, seen
 
 
@@ -109,3 +122,12 @@ async def test_an_unexpected_error_gets_the_fallback_and_is_raised_again() -> No
     assert seen["fallback"] == 1
     r = await call(app, "POST", b"boom")
     assert r.status_code == 500 and r.json() == {"error": "internal"}
+
+
+async def test_a_guard_that_answers_ends_the_request() -> None:
+    app, seen = make_app()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/v1/chat/completions", content=b"hi", headers={"x-refuse": "1"})
+    assert r.status_code == 401 and r.json() == {"error": "refused", "tag": "on"}
+    assert seen["handler"] == 0
