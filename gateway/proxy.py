@@ -116,10 +116,13 @@ class Proxy:
         the body's `model` rewritten to what the upstream expects."""
         with self.budget.hold() as hold:  # the body's bytes count until it has been sent
             payload = await self.read_body(request, hold)
-            return await self._route(request, path, prefix, payload)
+            state, route, payload = self._resolve(request, prefix, payload)
+            return await self.send(request, state, route, request.method, path, payload)
 
-    async def _route(self, request: Request, path: str, prefix: str | None,
-                     payload: bytes) -> Response:
+    def _resolve(self, request: Request, prefix: str | None,
+                 payload: bytes) -> tuple[RoutingState, Route, bytes]:
+        """The routing state, the route and the body to send (its `model` rewritten when the
+        upstream expects another name)."""
         parsed = bodies.parse(payload, request.headers.get("content-type", ""))
         state = self.runtime.state
         route = None
@@ -142,7 +145,7 @@ class Proxy:
             raise errors.missing_model(state.table.names())
         if parsed.model is None or parsed.model not in route.served_names:
             payload = bodies.with_model(parsed, payload, route.upstream_model)
-        return await self.send(request, state, route, request.method, path, payload)
+        return state, route, payload
 
     async def send(self, request: Request, state: RoutingState, route: Route, method: str,
                    path: str, payload: bytes, *, admit: bool = True) -> Response:
@@ -185,11 +188,12 @@ class Proxy:
             self._finished(request, model, 500, started)
             raise
         release = ticket[0].release if ticket else None
-        return _Finally(response, functools.partial(
+        response.dones.append(functools.partial(  # after the replica's own (outstanding - 1)
             self._response_sent, request, model, response.status_code, started, release))
+        return response
 
     async def _dispatch(self, request: Request, state: RoutingState, route: Route, method: str,
-                        path: str, payload: bytes, revive: list[Ticket] | None) -> Response:
+                        path: str, payload: bytes, revive: list[Ticket] | None) -> _Finally:
         """Send to the best replica; on a failure before any response byte, try the next
         replica, then (with the request's ticket in `revive`) let the admitter revive the
         model once."""
@@ -281,11 +285,13 @@ def _decrement(inst: Instance) -> None:
 
 
 class _Finally(Response):
-    """Runs `done` once the wrapped response has been sent (or the client went away)."""
+    """Runs `dones`, in order, once the wrapped response has been sent (or the client went
+    away). One wrapper with a list rather than one per callback: each wrapper is a coroutine
+    level that the relay's every suspension passes through."""
 
     def __init__(self, inner: Response, done: Callable[[], None]) -> None:
         self.inner = inner
-        self.done = done
+        self.dones = [done]
         self.status_code = inner.status_code
         self.background = None
 
@@ -293,7 +299,8 @@ class _Finally(Response):
         try:
             await self.inner(scope, receive, send)
         finally:
-            self.done()
+            for done in self.dones:
+                done()
 
 
 class _Watch:
