@@ -224,11 +224,9 @@ class H1Client:
             if not waiter.done():
                 waiter.set_exception(httpx.PoolTimeout("the client was closed"))
 
-    async def _acquire(self, timeout: httpx.Timeout) -> Conn:
-        if self._closed:
-            raise httpx.ConnectError("the upstream client is closed")
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+    def take_idle(self, now: float) -> Conn | None:
+        """An idle pooled connection, ready for a request (counted active), or None; `now`
+        is the loop's time."""
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -238,6 +236,15 @@ class H1Client:
                 continue
             conn._reset()
             self._active += 1
+            return conn
+        return None
+
+    async def _acquire(self, timeout: httpx.Timeout) -> Conn:
+        if self._closed:
+            raise httpx.ConnectError("the upstream client is closed")
+        loop = asyncio.get_running_loop()
+        conn = self.take_idle(loop.time())
+        if conn is not None:
             return conn
         if self._active >= self.max_connections:
             waiter = loop.create_future()

@@ -27,7 +27,7 @@ class Conn(asyncio.Protocol):
 
     __slots__ = ("_drain", "_paused", "buf", "buffered", "complete", "error", "head", "headers",
                  "idle_since", "keep_alive", "loop", "lost", "parser", "sink", "status",
-                 "transport", "until_close", "waiter")
+                 "transport", "until_close", "waiter", "watcher")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -51,6 +51,9 @@ class Conn(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self._paused = False
         self.sink: Callable[[bytes], None] | None = None
+        # Told of every change a reader would be woken for (head, end, failure), in place of
+        # a reader (gateway/direct.py)
+        self.watcher: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -131,6 +134,8 @@ class Conn(asyncio.Protocol):
             self.waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        if self.watcher is not None:
+            self.watcher()
 
     def take(self) -> bytes:
         buf = self.buf

@@ -15,7 +15,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -61,17 +61,21 @@ class RequestIdMiddleware:
 
 
 def assign_request_id(scope: Scope) -> None:
-    """An HTTP request's id, in `scope["state"]["request_id"]`: the client's X-Request-Id when
-    it is usable, else a new one. (Also a guard of the lean path: it never refuses.)"""
-    found = None
-    for key, value in scope["headers"]:
+    """An HTTP request's id, in `scope["state"]["request_id"]` (`request_id_of` its headers).
+    Also a guard of the lean path: it never refuses."""
+    scope.setdefault("state", {})["request_id"] = request_id_of(scope["headers"])
+
+
+def request_id_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-Id when it is usable (printable ASCII, 1 to 128 characters: it
+    is echoed unchanged on every answer), else a new id."""
+    for key, value in headers:
         if key == b"x-request-id":
             candidate = value.decode("latin-1")
-            if 0 < len(candidate) <= 128 and candidate.isascii() \
-                    and candidate.isprintable():  # echoed unchanged on every path
-                found = candidate
+            if 0 < len(candidate) <= 128 and candidate.isascii() and candidate.isprintable():
+                return candidate
             break
-    scope.setdefault("state", {})["request_id"] = found or new_request_id()
+    return new_request_id()
 
 
 class AccessMeter:

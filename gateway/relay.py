@@ -25,7 +25,7 @@ otherwise, aiohttp): one read, one `send`, one clock read; other clients: `aiter
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import httpx
@@ -44,6 +44,45 @@ _EVENT_STREAM_EXTRA = ((b"x-accel-buffering", b"no"),)
 _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
+def relay_headers(raw: Iterable[tuple[bytes, bytes]], status: int, request_id: str,
+                  retry_after: int) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The headers the client gets for an upstream answer's `raw` headers (hop-by-hop ones
+    dropped, names lower-cased, no buffering by intermediaries for an event stream, a
+    Retry-After on a 503, the request id), and whether the answer is an event stream."""
+    headers = []
+    content_type = b""
+    present_cache = present_retry = False
+    for k, v in raw:
+        k = k.lower()
+        if k in _DROP:
+            continue
+        if k == b"content-type":
+            content_type = v
+        elif k == b"cache-control":
+            present_cache = True
+        elif k == b"retry-after":
+            present_retry = True
+        headers.append((k, v))
+    is_event_stream = content_type.startswith(b"text/event-stream")
+    if is_event_stream:
+        # Stop intermediaries (nginx, CDNs) from buffering the stream.
+        if not present_cache:
+            headers.append((b"cache-control", b"no-cache"))
+        headers.extend(_EVENT_STREAM_EXTRA)
+    if status == 503 and not present_retry:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    headers.append((b"x-request-id", request_id.encode()))
+    return headers, is_event_stream
+
+
+def broken_event(model: str, request_id: str, exc: httpx.HTTPError, tail: bytes) -> bytes:
+    """The error event that ends an event stream whose upstream failed mid-answer (after
+    `tail`, the last bytes sent: the event starts on a fresh line)."""
+    detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+    event = errors.upstream_broken_stream(model, detail, request_id)
+    return (b"" if tail.endswith(b"\n\n") else b"\n\n") + event
+
+
 class RelayResponse(Response):
     """An ASGI response that streams an already opened upstream response (httpx's,
     `gateway.upstream.AiohttpResponse` or `gateway.h1.H1Response`)."""
@@ -54,30 +93,8 @@ class RelayResponse(Response):
         self.model = model
         self.request_id = request_id
         self.status_code = upstream.status_code
-        headers = []
-        content_type = b""
-        present_cache = present_retry = False
-        for k, v in upstream.headers.raw:
-            k = k.lower()
-            if k in _DROP:
-                continue
-            if k == b"content-type":
-                content_type = v
-            elif k == b"cache-control":
-                present_cache = True
-            elif k == b"retry-after":
-                present_retry = True
-            headers.append((k, v))
-        self.is_event_stream = content_type.startswith(b"text/event-stream")
-        if self.is_event_stream:
-            # Stop intermediaries (nginx, CDNs) from buffering the stream.
-            if not present_cache:
-                headers.append((b"cache-control", b"no-cache"))
-            headers.extend(_EVENT_STREAM_EXTRA)
-        if upstream.status_code == 503 and not present_retry:
-            headers.append((b"retry-after", str(retry_after).encode()))
-        headers.append((b"x-request-id", request_id.encode()))
-        self.raw_headers = headers
+        self.raw_headers, self.is_event_stream = relay_headers(
+            upstream.headers.raw, upstream.status_code, request_id, retry_after)
         self.background = None
         # Set by the app (metrics): called once after the first body chunk was sent, and
         # when the upstream fails mid-response. Nothing is checked per chunk.
@@ -183,10 +200,8 @@ class RelayResponse(Response):
         if not self.is_event_stream:
             # Break the connection: a truncated body must not look complete.
             raise UpstreamBroken(self.model, exc) from exc
-        detail = type(exc).__name__ + (f": {exc}" if str(exc) else "")
-        event = errors.upstream_broken_stream(self.model, detail, self.request_id)
-        prefix = b"" if state.tail.endswith(b"\n\n") else b"\n\n"
-        await send({"type": "http.response.body", "body": prefix + event, "more_body": True})
+        event = broken_event(self.model, self.request_id, exc, state.tail)
+        await send({"type": "http.response.body", "body": event, "more_body": True})
         await send(_END)
 
 

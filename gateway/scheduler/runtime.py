@@ -167,6 +167,26 @@ class Scheduler:
             return Ticket(self, rid, route.model, now)  # the fast path
         return await self._wait(rid, route.model, now, actions)
 
+    def can_admit_now(self, model: str) -> bool:
+        """Whether `admit` would admit a request for `model` at once, without a fleet check:
+        awake, a free slot, nobody in its line, and not a sleep-mode model (`admit` asks the
+        engine about those first). Changes nothing (gateway/direct.py asks before deciding)."""
+        m = self.core.models.get(model)
+        return not (m is None or m.state is not Residency.AWAKE or m.queue or not m.has_room()
+                    or (self.sleep_check is not None and m.policy.shared
+                        and m.policy.evicts_to is Residency.ASLEEP))
+
+    def admit_now(self, route: Route) -> Ticket:
+        """The admission `can_admit_now` promised (nothing may have run in between)."""
+        now = self.clock()
+        rid = next(self._rids)
+        actions = self.core.handle(Arrive(now, rid, route.model))
+        assert len(actions) == 1 and isinstance(actions[0], Admit)  # the core's own rule
+        if self.on_action is not None:
+            self.on_action(actions[0])
+        self._rearm()
+        return Ticket(self, rid, route.model, now)
+
     async def revive(self, route: Route, ticket: TicketLike) -> Ticket | None:
         """Every replica refused `ticket`'s request: the model is down. Back in line (its
         first arrival keeps its place); the core brings the model up again."""
