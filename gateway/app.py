@@ -28,6 +28,7 @@ from gateway import auth, ui
 from gateway.admin import Admin
 from gateway.admit import FleetAdmitter
 from gateway.background import Background
+from gateway.direct import DirectPath
 from gateway.fastpath import GatewayApp
 from gateway.listing import Listing
 from gateway.middleware import (
@@ -124,5 +125,7 @@ def create_app(registry: Registry, settings: GatewaySettings | None = None, *,
     else:  # POST to a model endpoint: the same middlewares, without Starlette's stack
         app.lean(MODEL_ENDPOINTS, proxy.by_body,
                  [assign_request_id, auth.AccessGuard(access, on_reject=meter.rejected)])
+        if settings.direct_path:  # under the CLI's server (gateway/server_direct.py)
+            app.direct = DirectPath(runtime, access, proxy.budget)
     app.state.gateway = runtime
     return app

@@ -26,6 +26,7 @@ from gateway.auth import AccessConfigError
 from gateway.logs import configure_logging
 from gateway.routing import addressing_problem
 from gateway.server import serve
+from gateway.server_direct import DirectHttpTools
 from gateway.settings import GatewaySettings, env_name, unknown_variables
 
 EXAMPLE = """\
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     print(banner(registry, settings, app.state.gateway.access), file=sys.stderr, flush=True)
-    serve(app, settings, graceful_shutdown=30)
+    serve(app, settings, graceful_shutdown=30, protocol=DirectHttpTools)
     return 0
 
 

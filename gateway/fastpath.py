@@ -43,6 +43,8 @@ class GatewayApp(Starlette):
 
     _lean_paths: frozenset[str] = frozenset()
     _lean_app: ASGIApp | None = None
+    # gateway/direct.py's DirectPath, for a server that serves requests itself
+    direct: object | None = None
 
     def lean(self, paths: Iterable[str], handler: Handler, guards: Sequence[Guard]) -> None:
         """`POST` to any of `paths` runs `guards` in order (the first that answers ends the

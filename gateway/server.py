@@ -41,7 +41,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway import errors
 from gateway.settings import GatewaySettings, env_name
-from gateway.splice import EXTENSION, Splice
+from gateway.splice import EXTENSION, Paused, Splice
 
 log = logging.getLogger("gateway.server")
 
@@ -155,8 +155,9 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.head_since: float | None = None
         self._refused = False
         self._lingering = False
-        # gateway/splice.py: a relayed body written straight to this connection
-        self.splice: Splice | None = None
+        # gateway/splice.py: a relayed body written straight to this connection (or
+        # gateway/direct.py's exchange): what the client's back-pressure pauses
+        self.splice: Splice | Paused | None = None
         self.on_lost: Callable[[], None] | None = None  # splice.on_client_lost
         self._extensions: dict[str, dict[object, object]] = {EXTENSION: {"connection": self}}
 
@@ -226,10 +227,15 @@ class GuardedHttpTools(HttpToolsProtocol):
             finally:
                 self.app = app
             return
-        super().on_headers_complete()
-        self.scope["extensions"] = self._extensions
+        if not self.take_head():
+            super().on_headers_complete()
+            self.scope["extensions"] = self._extensions
         # until on_message_complete (at once, in this same read, when no body follows)
         guard.bodies[self] = self.loop.time()
+
+    def take_head(self) -> bool:
+        """True when a subclass serves this request itself (gateway/server_direct.py)."""
+        return False
 
     def on_message_complete(self) -> None:
         self.guard.bodies.pop(self, None)
@@ -328,9 +334,11 @@ def _peer(client: tuple[str, int] | None) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
 
 
-def protocol_class(limits: ConnectionLimits) -> type[GuardedHttpTools]:
-    """A protocol class for one server (its connections share one guard)."""
-    return type("GuardedHttpTools", (GuardedHttpTools,), {"guard": _Guard(limits)})
+def protocol_class(limits: ConnectionLimits,
+                   base: type[GuardedHttpTools] = GuardedHttpTools) -> type[GuardedHttpTools]:
+    """A protocol class for one server (its connections share one guard); `base`: this
+    module's, or one with the direct path (gateway/server_direct.py)."""
+    return type(base.__name__, (base,), {"guard": _Guard(limits)})
 
 
 def fit_descriptors(wanted_connections: int) -> int:
@@ -368,8 +376,10 @@ def tune_gc() -> None:
     gc.set_threshold(_GC_YOUNG, older, oldest)
 
 
-def serve(app: Any, settings: GatewaySettings, *, graceful_shutdown: int = 30) -> None:
-    """Run `app` with uvicorn (uvloop when installed) behind the connection limits."""
+def serve(app: Any, settings: GatewaySettings, *, graceful_shutdown: int = 30,
+          protocol: type[GuardedHttpTools] = GuardedHttpTools) -> None:
+    """Run `app` with uvicorn (uvloop when installed) behind the connection limits, with
+    `protocol` (a subclass of GuardedHttpTools) for its connections."""
     import uvicorn
 
     limits = ConnectionLimits.from_settings(settings)
@@ -383,5 +393,6 @@ def serve(app: Any, settings: GatewaySettings, *, graceful_shutdown: int = 30) -
     # No proxy-headers middleware: the gateway never reads the client's address or scheme,
     # and uvicorn's walks every request's headers for X-Forwarded-* (about 1.5 % of its CPU).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, loop="auto", http=protocol_class(limits), proxy_headers=False,
+                access_log=False, loop="auto", http=protocol_class(limits, protocol),
+                proxy_headers=False,
                 timeout_graceful_shutdown=graceful_shutdown)

@@ -45,6 +45,15 @@ EXTENSION = "gateway.splice"
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 
+class Paused(Protocol):
+    """What the client connection's back-pressure reaches: a splice, or a direct exchange
+    (gateway/direct.py)."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
 class Tapped(Protocol):
     """What the relay needs of the state it shares with its deadline timer."""
 

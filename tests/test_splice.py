@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 
 from gateway import splice
-from gateway.server import ConnectionLimits, protocol_class
+from gateway.server import ConnectionLimits, GuardedHttpTools, protocol_class
 from gateway.settings import GatewaySettings
 from test_upstream_deadlines import CHUNK, EVENT, READ, SSE_HEAD, RawUpstream, answering
 
@@ -54,16 +54,19 @@ def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 class Served:
     """`create_app` for one model at `url`, served by the gateway's server on loopback."""
 
-    def __init__(self, url: str, read: float = READ, client: str = "h1") -> None:
+    def __init__(self, url: str, read: float = READ, client: str = "h1",
+                 protocol: type[GuardedHttpTools] = GuardedHttpTools,
+                 settings: dict[str, Any] | None = None) -> None:
         from fleet.registry import parse_registry
         from gateway.app import create_app
 
         self.app = create_app(parse_registry(f'[models.m]\nurl = "{url}"\n'),
-                              GatewaySettings(read_timeout=read, upstream_client=client))
+                              GatewaySettings(read_timeout=read, upstream_client=client,
+                                              **(settings or {})))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(self.app, http=protocol_class(ConnectionLimits()),
+        config = uvicorn.Config(self.app, http=protocol_class(ConnectionLimits(), protocol),
                                 lifespan="off", log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=2)
         config.load()
