@@ -43,8 +43,9 @@ class DirectHttpTools(GuardedHttpTools):
             self.cycle = _BUSY
             return False
         path = self.direct_path
-        if path is None:
-            return False
+        cycle = self.cycle
+        if path is None or (cycle is not None and not cycle.response_complete):
+            return False  # (pipelined behind an ordinary answer: uvicorn queues it)
         exchange = path.wants(self)
         if exchange is None:
             return False
