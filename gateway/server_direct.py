@@ -112,6 +112,13 @@ class DirectHttpTools(GuardedHttpTools):
         if exchange is not None:
             exchange.client_lost()
 
+    def body_late(self) -> None:
+        if self.direct is not None and self.direct.conn is None:
+            # the late body is this exchange's: no answer has begun (the cycle uvicorn keeps
+            # is the previous request's, answered)
+            self.cycle = None  # type: ignore[assignment]
+        super().body_late()
+
     def shutdown(self) -> None:
         exchange = self.direct
         if exchange is not None:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from gateway import direct
+from gateway.server import ConnectionLimits
 from gateway.server_direct import DirectHttpTools
 from test_splice import Served, _raw_answer
 from test_upstream_deadlines import CHUNK, EVENT, MARGIN, SSE_HEAD
@@ -328,3 +329,19 @@ async def test_a_client_that_stops_reading_pauses_the_upstream() -> None:
             writer.close()
     assert received == count * len(chunk)
 
+
+
+@pytest.mark.parametrize("kept_alive", [False, True], ids=["fresh", "kept-alive"])
+async def test_a_late_body_is_408(kept_alive: bool) -> None:
+    async with Upstream() as up, served(up, limits=ConnectionLimits(body_timeout=0.3)) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        payload = json.dumps(BODY).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                   b"application/json\r\ncontent-length: %d\r\n\r\n" % len(payload))
+        if kept_alive:  # one whole request first: uvicorn keeps its answered cycle
+            writer.write(request + payload)
+            await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), MARGIN)
+        writer.write(request + payload[:5])  # and the rest never comes
+        answer = await asyncio.wait_for(reader.read(), 0.3 + MARGIN)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")

@@ -56,7 +56,8 @@ class Served:
 
     def __init__(self, url: str, read: float = READ, client: str = "h1",
                  protocol: type[GuardedHttpTools] = GuardedHttpTools,
-                 settings: dict[str, Any] | None = None) -> None:
+                 settings: dict[str, Any] | None = None,
+                 limits: ConnectionLimits | None = None) -> None:
         from fleet.registry import parse_registry
         from gateway.app import create_app
 
@@ -66,9 +67,9 @@ class Served:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(self.app, http=protocol_class(ConnectionLimits(), protocol),
-                                lifespan="off", log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2)
+        http = protocol_class(limits or ConnectionLimits(), protocol)
+        config = uvicorn.Config(self.app, http=http, lifespan="off", log_level="warning",
+                                access_log=False, timeout_graceful_shutdown=2)
         config.load()
         self.server = uvicorn.Server(config)
         self.url = f"http://127.0.0.1:{self.port}"
