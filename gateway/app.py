@@ -4,6 +4,8 @@
   upstream clients, balancer, metrics, the fleet activator);
 - `gateway.proxy`: the model routes (read, resolve, authorize, admit through
   `gateway.admit`, failover, relay, meter) and `POST /v1/infer` (`gateway.compat`);
+- `gateway.direct`: the common model request served in the server's own callbacks (under the
+  CLI's server, `gateway.server_direct`), handing anything else to `gateway.proxy`;
 - `gateway.listing`: `/health`, `/metrics`, `/v1/models`, `/v1/models/{id}`;
 - `gateway.admin`: the admin endpoints; `gateway.reload`: hot reload of the registry;
 - `gateway.background`: the probe loop, idle ttl, autoscaling, SIGHUP;
