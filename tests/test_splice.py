@@ -215,39 +215,48 @@ async def test_a_client_that_stops_reading_pauses_the_upstream(spliced: list[int
 
     # the read timeout counts silence from the model, which a paused stream also is
     async with RawUpstream(flood) as up, Served(up.url, read=60) as gw:
-        request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: "
-                   b"application/json\r\ncontent-length: %d\r\n\r\n%s")
-        payload = json.dumps(BODY).encode()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
-        try:
-            writer.write(request % (len(payload), payload))
-            await reader.readuntil(b"\r\n\r\n")
-            reader._transport.pause_reading()  # type: ignore[attr-defined]  # stop reading
-            samples = [-1]
-            deadline = time.monotonic() + 10
-            while samples[-1] != written[0]:  # poll until the upstream's writing stalls
-                assert time.monotonic() < deadline, "the upstream never stalled"
-                samples.append(written[0])
-                await asyncio.sleep(0.3)  # sampling period of the upstream's progress
-            stalled = written[0]
-            assert 0 < stalled < 12 * 1024 * 1024, stalled  # bounded: kernel buffers, no more
-            reader._transport.resume_reading()  # type: ignore[attr-defined]
-            received = 0
-            while True:
-                size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
-                data = await reader.readexactly(size + 2)
-                assert data.endswith(b"\r\n")
-                if size == 0:
-                    break
-                received += size
-        finally:
-            writer.close()
+        stalled, received = await read_slowly(gw.port, lambda: written[0])
+    assert 0 < stalled < 12 * 1024 * 1024, stalled  # bounded: kernel buffers, no more
     assert received == count * len(chunk) == written[0]
     assert sum(spliced) == received
+
+
+async def read_slowly(port: int, progress: Callable[[], int]) -> tuple[int, int]:
+    """A streamed chat request to the server at `port` from a client with a small receive
+    buffer that stops reading once the answer's head is in, until the upstream stops writing
+    (`progress()`: the bytes it wrote so far, polled); then the whole chunked body is read.
+    Gives what the upstream had written when it stalled, and the body's bytes."""
+    payload = json.dumps(BODY).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: "
+                     b"application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (len(payload), payload))
+        await reader.readuntil(b"\r\n\r\n")
+        reader._transport.pause_reading()  # type: ignore[attr-defined]  # stop reading
+        samples = [-1]
+        deadline = time.monotonic() + 10
+        while samples[-1] != progress():  # poll until the upstream's writing stalls
+            assert time.monotonic() < deadline, "the upstream never stalled"
+            samples.append(progress())
+            await asyncio.sleep(0.3)  # sampling period of the upstream's progress
+        stalled = progress()
+        reader._transport.resume_reading()  # type: ignore[attr-defined]
+        received = 0
+        while True:
+            size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+            data = await reader.readexactly(size + 2)
+            assert data.endswith(b"\r\n")
+            if size == 0:
+                break
+            received += size
+    finally:
+        writer.close()
+    return stalled, received
 
 
 async def test_a_client_leaving_mid_stream_closes_the_upstream(spliced: list[int]) -> None:
