@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 import httpx
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from gateway import auth, errors, logs
 from gateway import body as bodies
@@ -49,6 +48,7 @@ from gateway.h1 import H1Client
 from gateway.middleware import request_id_of
 from gateway.proxy import _NOT_FORWARDED, MODEL_ENDPOINTS
 from gateway.relay import broken_event, relay_headers
+from gateway.splice import answer_head
 from gateway.upstream import map_failure
 
 if TYPE_CHECKING:
@@ -220,22 +220,13 @@ class Exchange:
         self.status = status = conn.status
         headers, self.stream = relay_headers(conn.headers, status, self.rid,
                                              d.runtime.settings.retry_after)
-        cycle_headers = self.proto.server_state.default_headers
-        parts = [_status_line(status)]
-        length = False
-        for name, value in (*cycle_headers, *headers):
-            if name == b"content-length":
-                length = True
-            parts += (name, b": ", value, b"\r\n")
-        self.chunked = not length and status not in _NO_BODY
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        if self.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        parts.append(b"\r\n")
+        self.chunked = status not in _NO_BODY and all(
+            name != b"content-length" for name, _ in headers)
         self.first = self.stream
         self.tail = b"\n\n"
-        self.proto.transport.write(b"".join(parts))
+        self.proto.transport.write(answer_head(
+            status, (*self.proto.server_state.default_headers, *headers), self.keep_alive,
+            self.chunked))
         conn.sink = self._write
 
     def _write(self, data: bytes) -> None:
@@ -309,15 +300,11 @@ class Exchange:
     def _answer(self, err: errors.GatewayError) -> None:
         """An error in vLLM's shape, before any byte of an answer was sent."""
         response = err.response({"x-request-id": self.rid})
-        parts = [_status_line(err.status)]
-        for name, value in (*self.proto.server_state.default_headers, *response.raw_headers):
-            parts += (name, b": ", value, b"\r\n")
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts += (b"\r\n", bytes(response.body))
         self.head_sent = True
         self.status = err.status
-        self._finish(b"".join(parts))
+        self._finish(answer_head(
+            err.status, (*self.proto.server_state.default_headers, *response.raw_headers),
+            self.keep_alive, chunked=False) + bytes(response.body))
 
     def _end(self, last: bytes, reusable: bool = True, close: bool = False) -> None:
         conn = self.conn
@@ -381,10 +368,6 @@ class Exchange:
         if self.paused and conn is not None and conn.transport is not None:
             self.paused = False
             conn.transport.resume_reading()
-
-
-def _status_line(status: int) -> bytes:
-    return STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status
 
 
 __all__ = ["DirectPath", "Exchange"]

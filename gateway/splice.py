@@ -31,7 +31,7 @@ stepped, cancelled).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
@@ -43,6 +43,22 @@ from gateway.h1_conn import Conn
 EXTENSION = "gateway.splice"
 # Headers that change how uvicorn frames or ends an answer: with any of them it writes the head.
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+
+
+def answer_head(status: int, headers: Iterable[tuple[bytes, bytes]], keep_alive: bool,
+                chunked: bool) -> bytes:
+    """An answer's head as uvicorn writes it: the status line, `headers` as they are (names
+    lower-case, values checked by whoever made them), `connection: close` unless
+    `keep_alive`, `transfer-encoding: chunked` when `chunked`."""
+    parts = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 class Paused(Protocol):
@@ -136,23 +152,16 @@ class Splice:
         llhttp's, lower-cased, its values llhttp's or the gateway's own."""
         cycle = self.cycle
         status = message["status"]
-        if cycle.access_log or cycle.disconnected or status in (204, 304):
+        if cycle.access_log or cycle.disconnected or status in (204, 304) \
+                or status not in STATUS_LINE:
             return None
-        line = STATUS_LINE.get(status)
-        if line is None:
+        headers = (*cycle.default_headers, *message.get("headers", ()))
+        if any(name in _FRAMING for name, _ in headers):
             return None
-        parts = [line]
-        for name, value in (*cycle.default_headers, *message.get("headers", ())):
-            if name in _FRAMING:
-                return None
-            parts += (name, b": ", value, b"\r\n")
-        if not cycle.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"transfer-encoding: chunked\r\n\r\n")
         cycle.response_started = True
         cycle.waiting_for_100_continue = False
         cycle.chunked_encoding = True
-        return b"".join(parts)
+        return answer_head(status, headers, cycle.keep_alive, chunked=True)
 
     def write(self, data: bytes) -> None:
         """The sink: what arrived, as one chunk, to the client (with the last chunk when the
