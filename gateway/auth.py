@@ -50,7 +50,7 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("gateway.auth")
 
 PUBLIC, API, ADMIN = "public", "api", "admin"
-_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
+CREDENTIAL_HEADERS = frozenset((b"authorization", b"x-api-key"))  # stripped when keys are on
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -310,7 +310,7 @@ class AccessGuard:
             return outcome.response(extra)
         scope.setdefault("state", {})["principal"] = outcome
         if not access.open:
-            scope["headers"] = [(k, v) for k, v in headers if k not in _CREDENTIAL_HEADERS]
+            scope["headers"] = [(k, v) for k, v in headers if k not in CREDENTIAL_HEADERS]
         return None
 
 

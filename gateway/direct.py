@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway")
 
 _NO_BODY = (204, 304)
-_CREDENTIALS = frozenset((b"authorization", b"x-api-key"))
 _SMALL_BODY = 64 * 1024  # a larger body takes the ordinary path (the upstream's write window)
 
 
@@ -178,7 +177,7 @@ class Exchange:
         inst.outstanding += 1
         self.rid = rid = request_id_of(headers)
         forwarded = [(k, v) for k, v in headers if k not in _NOT_FORWARDED
-                     and (access.open or k not in _CREDENTIALS)]
+                     and (access.open or k not in auth.CREDENTIAL_HEADERS)]
         forwarded.append((b"x-request-id", rid.encode()))
         request = client.build_request("POST", self.path, content=payload, headers=forwarded)
         conn.watcher = self._changed

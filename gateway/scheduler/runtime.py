@@ -160,11 +160,9 @@ class Scheduler:
         now = self.clock()
         rid = next(self._rids)
         actions = self.core.handle(Arrive(now, rid, route.model))
-        if len(actions) == 1 and isinstance(actions[0], Admit) and actions[0].rid == rid:
-            if self.on_action is not None:
-                self.on_action(actions[0])
-            self._rearm()
-            return Ticket(self, rid, route.model, now)  # the fast path
+        ticket = self._admitted(actions, rid, route.model, now)
+        if ticket is not None:
+            return ticket  # the fast path
         return await self._wait(rid, route.model, now, actions)
 
     def can_admit_now(self, model: str) -> bool:
@@ -180,12 +178,21 @@ class Scheduler:
         """The admission `can_admit_now` promised (nothing may have run in between)."""
         now = self.clock()
         rid = next(self._rids)
-        actions = self.core.handle(Arrive(now, rid, route.model))
-        assert len(actions) == 1 and isinstance(actions[0], Admit)  # the core's own rule
-        if self.on_action is not None:
-            self.on_action(actions[0])
-        self._rearm()
-        return Ticket(self, rid, route.model, now)
+        ticket = self._admitted(self.core.handle(Arrive(now, rid, route.model)), rid,
+                                route.model, now)
+        assert ticket is not None  # the core's own rule
+        return ticket
+
+    def _admitted(self, actions: list[Action], rid: int, model: str,
+                  now: float) -> Ticket | None:
+        """The ticket when the core's answer to request `rid`'s arrival (`actions`) admits it
+        at once, else None (it waits, or is refused)."""
+        if len(actions) == 1 and isinstance(actions[0], Admit) and actions[0].rid == rid:
+            if self.on_action is not None:
+                self.on_action(actions[0])
+            self._rearm()
+            return Ticket(self, rid, model, now)
+        return None
 
     async def revive(self, route: Route, ticket: TicketLike) -> Ticket | None:
         """Every replica refused `ticket`'s request: the model is down. Back in line (its
