@@ -46,7 +46,7 @@ from gateway import auth, errors, logs
 from gateway import body as bodies
 from gateway.h1 import H1Client
 from gateway.middleware import request_id_of
-from gateway.proxy import _NOT_FORWARDED, MODEL_ENDPOINTS
+from gateway.proxy import MODEL_ENDPOINTS, NOT_FORWARDED
 from gateway.relay import broken_event, relay_headers
 from gateway.splice import answer_head
 from gateway.upstream import map_failure
@@ -176,7 +176,7 @@ class Exchange:
         budget.held += self.held  # given back once the upstream's head arrived
         inst.outstanding += 1
         self.rid = rid = request_id_of(headers)
-        forwarded = [(k, v) for k, v in headers if k not in _NOT_FORWARDED
+        forwarded = [(k, v) for k, v in headers if k not in NOT_FORWARDED
                      and (access.open or k not in auth.CREDENTIAL_HEADERS)]
         forwarded.append((b"x-request-id", rid.encode()))
         request = client.build_request("POST", self.path, content=payload, headers=forwarded)

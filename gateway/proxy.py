@@ -52,7 +52,7 @@ INSTANCE_GET_ENDPOINTS: tuple[str, ...] = ("/health", "/v1/models", "/version", 
 _POST_ONLY = frozenset((*MODEL_ENDPOINTS, "/v1/infer"))
 # Not passed on to the upstream (names as the server gives them: lower-case bytes); the
 # request id is set anew.
-_NOT_FORWARDED = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te",
+NOT_FORWARDED = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te",
                             b"trailer", b"upgrade", b"host", b"content-length",
                             b"proxy-connection", b"proxy-authorization", b"expect",
                             b"x-request-id"))
@@ -198,7 +198,7 @@ class Proxy:
         replica, then (with the request's ticket in `revive`) let the admitter revive the
         model once."""
         rid = _state(request)["request_id"]
-        headers = [(k, v) for k, v in request.scope["headers"] if k not in _NOT_FORWARDED]
+        headers = [(k, v) for k, v in request.scope["headers"] if k not in NOT_FORWARDED]
         headers.append((b"x-request-id", rid.encode()))
         params = request.scope.get("query_string", b"").decode() or None  # as Starlette's URL
         timeout = state.timeouts.get(route.model)
